@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -143,7 +144,7 @@ def build_synthetic_pair(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     calibration_prompts: int = 8,
-    calibration_steps: int = 12,
+    calibration_steps: int = 8,
     cache_dir: str | os.PathLike | None = "default",
 ) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """A random Llama target and a draft that agrees with its greedy choice at about `agreement`.
@@ -205,8 +206,8 @@ def _random_target(seed, dtype, device, hidden_size, num_layers, draft_layers, v
 
 def _draft_from_target_layers(target: LlamaForCausalLM, draft_layers: int) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` whose modules are the target's embedding, first layers, final norm and LM head."""
-    config = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": draft_layers})
-    config.layer_types = config.layer_types[:draft_layers]
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = draft_layers
     with torch.device("meta"):  # every parameter is replaced by a target module below: allocate nothing
         draft = LlamaForCausalLM._from_config(config, attn_implementation=target.config._attn_implementation)
     draft.model.embed_tokens = target.model.embed_tokens

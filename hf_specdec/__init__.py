@@ -1,0 +1,28 @@
+"""hf_specdec: speculative decoding inside Hugging Face `generate()`.
+
+    import hf_specdec
+    from hf_specdec import ModelDrafter
+    out = target.generate(**batch, assistant_model=ModelDrafter(draft), max_new_tokens=128)
+"""
+
+from . import integration
+from .draft import Draft
+from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, TreeConfig
+from .engine import SpeculativeGenerateOutput, speculative_generate
+from .stats import SpecStats
+
+__version__ = "0.1.0"
+
+integration.install()
+
+__all__ = [
+    "DecodingState",
+    "Draft",
+    "Drafter",
+    "ModelDrafter",
+    "NGramDrafter",
+    "SpecStats",
+    "SpeculativeGenerateOutput",
+    "TreeConfig",
+    "speculative_generate",
+]

@@ -1,0 +1,197 @@
+"""The only module that edits KV tensors.
+
+A `SlotCache` wraps one model's `DynamicCache` and records, for every cache slot of every row, whether a real token
+lives there. Rows of a batch advance by different amounts each round, so instead of re-padding we leave holes:
+a slot that holds left padding, a rejected draft token, or the right end of a row that accepted fewer tokens than
+its neighbours is simply masked out. Every forward therefore gets an explicit additive 4D mask and explicit
+position ids (a row's logical position counts only its real tokens), which is exact for any attention layout.
+
+Tokens come in two kinds:
+- committed: part of the row's text; visible to every later query.
+- tentative: draft-tree nodes of the current round, identified by a caller-chosen node id; a query sees a
+  tentative slot only if that slot's node is the query's own node or one of its ancestors. `keep()` then turns
+  the accepted path into committed slots (gathered to the front of the round's region) and drops the rest.
+
+Holes cost memory, so `compact()` squeezes them out when they dominate; memory stays proportional to accepted
+tokens, not to rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class SlotCache:
+    def __init__(self, model, batch_size: int, device: torch.device):
+        self.model = model
+        self.cache = DynamicCache()
+        self.device = device
+        self.dtype = model.dtype
+        self.sliding_window = _sliding_window(model.config)
+        self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, S]
+        self.slot_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.tentative_start = 0  # first slot of the current round's tentative region
+        self.slot_nodes = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, S - tentative_start]
+
+    @property
+    def length(self) -> int:
+        return self.committed.shape[1]
+
+    # ------------------------------------------------------------------ forwards
+    def forward_committed(self, input_ids: torch.Tensor, valid: torch.Tensor, **model_kwargs):
+        """Append tokens that are part of the text (prompt, pending accepted tokens). Causal among themselves;
+        `valid=False` entries are holes (left padding) that nobody attends to."""
+        assert self.slot_nodes.shape[1] == 0, "resolve the tentative region with keep() first"
+        offsets = valid.long().cumsum(-1) - 1
+        positions = self.next_position[:, None] + offsets.clamp(min=0)
+        query_count = input_ids.shape[1]
+        causal = torch.ones(query_count, query_count, dtype=torch.bool, device=self.device).tril()
+        new_visible = causal[None] & valid[:, None, :]
+        outputs = self._forward(input_ids, positions, self.committed, new_visible, **model_kwargs)
+        self._append(valid, positions)
+        self.next_position = self.next_position + valid.sum(-1)
+        self.tentative_start = self.length
+        return outputs
+
+    def forward_tentative(self, input_ids, node_ids, depths, ancestors, **model_kwargs):
+        """Append draft-tree nodes. `node_ids` [B, Q] name each query's node (-1 = hole), `depths` [B, Q] its
+        distance from the next committed position (0 = the next token), `ancestors` [B, M, M] the round's
+        ancestor-or-self relation over node ids."""
+        positions = self.next_position[:, None] + depths.clamp(min=0)
+        old_visible = self.committed.clone()
+        old_tentative = self.slot_nodes
+        query_nodes = node_ids.clamp(min=0)
+        if old_tentative.shape[1]:
+            seen = _lookup(ancestors, query_nodes, old_tentative.clamp(min=0)) & (old_tentative >= 0)[:, None, :]
+            prefix_visible = torch.cat([old_visible[:, None, : self.tentative_start].expand(-1, len(seen[0]), -1),
+                                        seen], dim=-1)
+        else:
+            prefix_visible = old_visible[:, None, :].expand(-1, input_ids.shape[1], -1)
+        new_visible = _lookup(ancestors, query_nodes, query_nodes) & (node_ids >= 0)[:, None, :]
+        outputs = self._forward(input_ids, positions, prefix_visible, new_visible, **model_kwargs)
+        self._append(torch.zeros_like(node_ids, dtype=torch.bool), positions)
+        self.slot_nodes = torch.cat([self.slot_nodes, node_ids], dim=1)
+        return outputs
+
+    def _forward(self, input_ids, positions, prefix_visible, new_visible, **model_kwargs):
+        query_count = input_ids.shape[1]
+        if prefix_visible.dim() == 2:
+            prefix_visible = prefix_visible[:, None, :].expand(-1, query_count, -1)
+        # A hole query must still see something, or softmax over an all-masked row gives NaN.
+        eye = torch.eye(query_count, dtype=torch.bool, device=self.device)
+        visible = torch.cat([prefix_visible, new_visible | eye], dim=-1)
+        if self.sliding_window is not None:
+            key_positions = torch.cat([self.slot_positions, positions], dim=1)
+            visible &= (positions[:, :, None] - key_positions[:, None, :]) < self.sliding_window
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask[:, None],
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            **model_kwargs,
+        )
+
+    def _append(self, committed: torch.Tensor, positions: torch.Tensor):
+        self.committed = torch.cat([self.committed, committed], dim=1)
+        self.slot_positions = torch.cat([self.slot_positions, positions], dim=1)
+
+    # ------------------------------------------------------------------ round resolution
+    def keep(self, node_ids: torch.Tensor, counts: torch.Tensor):
+        """Commit, per row, the first `counts[b]` nodes of `node_ids[b]` (an accepted root-to-leaf path, in order)
+        and drop every other tentative slot of the round."""
+        start = self.tentative_start
+        slot_nodes = self.slot_nodes
+        keep_width = int(counts.max()) if counts.numel() else 0
+        if keep_width:
+            wanted = node_ids[:, :keep_width]
+            matches = slot_nodes[:, None, :] == wanted[:, :, None]  # [B, K, T]
+            source = start + matches.float().argmax(-1)  # slot holding each wanted node
+            self._gather_into(start, source)
+        kept = torch.arange(keep_width, device=self.device) < counts[:, None]
+        self.committed = torch.cat([self.committed[:, :start], kept], dim=1)
+        positions = self.next_position[:, None] + torch.arange(keep_width, device=self.device)
+        self.slot_positions = torch.cat([self.slot_positions[:, :start], positions], dim=1)
+        self._crop(start + keep_width)
+        self.next_position = self.next_position + counts
+        self.slot_nodes = slot_nodes[:, :0]
+        self.tentative_start = self.length
+
+    def select_rows(self, rows: torch.Tensor):
+        """Keep only the given batch rows (finished rows stop costing anything)."""
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[rows]
+                layer.values = layer.values[rows]
+        self.committed = self.committed[rows]
+        self.slot_positions = self.slot_positions[rows]
+        self.next_position = self.next_position[rows]
+        self.slot_nodes = self.slot_nodes[rows]
+
+    def compact(self, min_length: int = 64, max_hole_fraction: float = 0.5):
+        """Squeeze out holes once they make up more than `max_hole_fraction` of the cache."""
+        assert self.slot_nodes.shape[1] == 0, "compact between rounds only"
+        length = self.length
+        if length < min_length:
+            return
+        real = self.committed.sum(-1)
+        width = int(real.max())
+        if 1 - width / length <= max_hole_fraction:
+            return
+        # Right-align each row's real slots (stable order); the left remainder becomes padding holes.
+        order = torch.argsort(self.committed.int(), dim=1, stable=True)[:, length - width:]
+        self._gather_into(0, order, total_width=width)
+        self.committed = self.committed.gather(1, order)
+        self.slot_positions = self.slot_positions.gather(1, order)
+        self.tentative_start = self.length
+
+    # ------------------------------------------------------------------ KV tensor edits
+    def _gather_into(self, start: int, source: torch.Tensor, total_width: int | None = None):
+        """Write slots `source[b, k]` to slot `start + k` of every layer (in place when possible)."""
+        width = source.shape[1]
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                continue
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                index = source[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+                gathered = tensor.gather(2, index)
+                if total_width is None:
+                    tensor[:, :, start:start + width] = gathered
+                else:
+                    setattr(layer, name, gathered)
+
+    def _crop(self, length: int):
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[:, :, :length]
+                layer.values = layer.values[:, :, :length]
+
+
+def _lookup(ancestors: torch.Tensor, query_nodes: torch.Tensor, key_nodes: torch.Tensor) -> torch.Tensor:
+    """ancestors[b, query_nodes[b, q], key_nodes[b, k]] as a [B, Q, K] bool tensor."""
+    rows = ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, ancestors.shape[2]))
+    return rows.gather(2, key_nodes[:, None, :].expand(-1, query_nodes.shape[1], -1))
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window when every layer of the model uses one; mixed layouts are rejected upstream."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(text_config, "layer_types", None)
+    if getattr(text_config, "use_sliding_window", True) is False:
+        return None
+    if layer_types is not None and any(kind != "sliding_attention" for kind in layer_types):
+        if all(kind == "full_attention" for kind in layer_types):
+            return None
+        raise ValueError(
+            f"{type(config).__name__} mixes sliding-window and full-attention layers, which hf_specdec does not "
+            "support yet. Disable the sliding window (e.g. `use_sliding_window=False`) or use plain `generate()`."
+        )
+    return int(window)

@@ -1,0 +1,115 @@
+"""The drafter interface: the engine never asks which drafter it has."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..draft import Draft
+from ..stats import SpecStats
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """EAGLE-2-style dynamic draft tree.
+
+    depth:     how many levels below the root are drafted.
+    top_k:     children drawn per expanded node, and frontier nodes expanded per level.
+    max_nodes: how many of the drafted nodes (best cumulative draft log-probability first) the target verifies.
+    """
+
+    depth: int = 5
+    top_k: int = 4
+    max_nodes: int = 24
+
+    def __post_init__(self):
+        if self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"TreeConfig needs depth >= 1 and top_k >= 1, got depth={self.depth}, top_k={self.top_k}.")
+        most = self.top_k + (self.depth - 1) * self.top_k * self.top_k
+        if not 1 <= self.max_nodes <= most:
+            raise ValueError(
+                f"TreeConfig(max_nodes={self.max_nodes}) must be between 1 and {most}, the number of nodes a tree of "
+                f"depth={self.depth} and top_k={self.top_k} drafts; lower max_nodes or raise depth/top_k."
+            )
+
+
+@dataclass
+class DecodingState:
+    """What the engine shares with the drafter each round (rows = the still-active rows of the batch).
+
+    sequences: [B, T] committed tokens, left-padded prompt first (`token_mask` marks real tokens).
+    lengths:   [B] committed length per row; the last committed token is the root of the next draft.
+    budget:    [B] the deepest draft worth verifying per row (remaining new tokens - 1).
+    """
+
+    sequences: torch.Tensor
+    token_mask: torch.Tensor
+    lengths: torch.Tensor
+    budget: torch.Tensor
+    logits_processor: list
+    do_sample: bool
+    vocab_size: int
+    target_config: object = None
+
+
+class Drafter(ABC):
+    """Base class of every hf_specdec drafter.
+
+    A drafter proposes a `Draft` for every active row, is told what the target accepted, and drops rows that
+    finished. Its own state (a KV cache, n-gram tables, ...) must follow the committed text exactly.
+    """
+
+    #: target layers whose hidden states the drafter needs from every verify forward (guided drafters)
+    target_hidden_layers: tuple[int, ...] = ()
+
+    def __init__(self, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
+        if schedule not in ("constant", "heuristic"):
+            raise ValueError(f"schedule must be 'constant' or 'heuristic', got {schedule!r}.")
+        if tree is not None and not isinstance(tree, TreeConfig):
+            raise TypeError(f"tree must be a hf_specdec.TreeConfig, got {type(tree).__name__}.")
+        self.num_draft_tokens = num_draft_tokens
+        self.schedule = schedule
+        self.tree = tree
+        self.last_stats: SpecStats | None = None
+        self._row_draft_tokens: torch.Tensor | None = None
+
+    # -- lifecycle, called by the engine --------------------------------------------------------------------
+    def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
+        """Called once per generate() after the target's prefill. Validate, build per-call state."""
+        length = num_draft_tokens or self.num_draft_tokens
+        self._row_draft_tokens = torch.full((state.sequences.shape[0],), length, dtype=torch.long)
+
+    @abstractmethod
+    def propose(self, state: DecodingState) -> Draft:
+        """Draft trees (or chains) for every row of `state`."""
+
+    def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Told what the target accepted this round (before the new tokens are appended to `state`)."""
+        if self.schedule == "heuristic" and self.tree is None:
+            lengths = self._row_draft_tokens
+            full = num_accepted.cpu() >= draft.valid.sum(-1).cpu()
+            self._row_draft_tokens = torch.where(full, lengths + 2, (lengths - 1).clamp(min=1))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self._row_draft_tokens = self._row_draft_tokens[rows.cpu()]
+
+    def finish(self) -> None:
+        """Release per-call state (caches) once generate() returns."""
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def chain_lengths(self, state: DecodingState) -> torch.Tensor:
+        """Per-row draft length this round: the schedule's length capped by the row's remaining budget."""
+        return torch.minimum(self._row_draft_tokens.to(state.budget.device), state.budget).clamp(min=0)
+
+    def with_tree(self, tree: TreeConfig):
+        """A copy of this drafter that drafts trees of the given shape."""
+        import copy
+
+        clone = copy.copy(self)
+        TreeConfig.__post_init__(tree)
+        clone.tree = tree
+        return clone

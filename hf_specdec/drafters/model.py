@@ -1,0 +1,292 @@
+"""ModelDrafter: any causal LM that shares the target's tokenizer drafts chains or dynamic trees."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..cache import SlotCache
+from ..draft import Draft
+from ..processors import TreePrefixes, apply_processors
+from .base import DecodingState, Drafter, TreeConfig
+
+
+class ModelDrafter(Drafter):
+    """Draft with a smaller causal LM.
+
+    Args:
+        model: a `PreTrainedModel` with a causal LM head and the target's tokenizer (a padded vocabulary of a
+            different size is fine: drafting uses the shared part).
+        num_draft_tokens: tokens drafted per round for chains (overridden by `generate(num_assistant_tokens=...)`).
+        schedule: "constant", or "heuristic" (per row: +2 after a fully accepted draft, -1 otherwise).
+        tree: a `TreeConfig` to draft EAGLE-2-style dynamic trees instead of chains.
+
+    The draft applies the generation's own logits processors with each position's true prefix and samples (or
+    takes the argmax) exactly as the target would, so the q handed to the verifier is the distribution the token
+    was drawn from. Tree children are the top-k of that distribution, i.e. deterministic (one-hot q).
+    """
+
+    def __init__(self, model, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
+        super().__init__(num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)
+        if not hasattr(model, "config") or not callable(model):
+            raise TypeError(f"ModelDrafter needs a transformers causal LM, got {type(model).__name__}.")
+        self.model = model
+        self.cache: SlotCache | None = None
+        self.forward_seconds = 0.0
+        self.forward_count = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
+        super().start(target, state, num_draft_tokens)
+        check_shared_vocabulary(target, self.model)
+        self.model.eval()
+        self.device = self.model.device
+        batch_size = state.sequences.shape[0]
+        self.cache = SlotCache(self.model, batch_size, self.device)
+        prompt_width = state.sequences.shape[1] if state.lengths.numel() == 0 else int(state.lengths.min()) - 1
+        # Everything but the root is committed text the drafter has not seen yet; feed the prompt now and the rest
+        # (the prefill's token) with the first draft.
+        self._forward_committed(state.sequences[:, :prompt_width], state.token_mask[:, :prompt_width])
+        self.fed = torch.full((batch_size,), prompt_width, dtype=torch.long, device=state.lengths.device)
+        self.forward_seconds, self.forward_count = 0.0, 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        super().select_rows(rows)
+        self.cache.select_rows(rows.to(self.device))
+        self.fed = self.fed[rows]
+
+    def finish(self) -> None:
+        self.cache = None
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, state: DecodingState) -> Draft:
+        if self.tree is not None:
+            return self._propose_tree(state)
+        return self._propose_chain(state)
+
+    def _catch_up(self, state: DecodingState) -> torch.Tensor:
+        """Feed the committed tokens the drafter has not seen (at least the root); return the root's logits."""
+        pending = state.lengths - self.fed
+        width = int(pending.max())
+        columns = state.lengths[:, None] - width + torch.arange(width, device=state.lengths.device)
+        tokens = state.sequences.gather(1, columns.clamp(min=0))
+        valid = torch.arange(width, device=pending.device)[None, :] >= (width - pending)[:, None]
+        outputs = self._forward_committed(tokens, valid)
+        self.fed = state.lengths.clone()
+        return outputs.logits[:, -1]
+
+    def _propose_chain(self, state: DecodingState) -> Draft:
+        lengths = self.chain_lengths(state)
+        steps = int(lengths.max()) if lengths.numel() else 0
+        batch_size = state.sequences.shape[0]
+        if steps == 0:
+            return Draft.empty(batch_size, state.sequences.device)
+        logits = self._catch_up(state)
+        tokens, probs = [], []
+        ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
+        for step in range(steps):
+            drafted = torch.stack(tokens, dim=1) if tokens else state.sequences[:, :0]
+            prefixes = TreePrefixes(state.sequences, state.lengths, drafted[:, None, :],
+                                    torch.full((batch_size, 1), step, device=state.lengths.device))
+            scores = self._process(logits, state, prefixes)
+            token, q = _draw(scores, state.do_sample)
+            tokens.append(token)
+            probs.append(q)
+            if step + 1 < steps:  # the last draft token is never fed: the target's bonus follows it
+                step_ids = torch.full((batch_size, 1), step, dtype=torch.long, device=self.device)
+                logits = self._forward_tentative(token[:, None].to(self.device), step_ids, step_ids, ancestors)
+                logits = logits.logits[:, -1]
+        self._fed_nodes = torch.arange(steps - 1, device=self.device).expand(batch_size, -1)
+        draft_probs = torch.stack(probs, dim=1) if state.do_sample else None
+        return Draft.chain(torch.stack(tokens, dim=1), lengths=lengths, probs=draft_probs)
+
+    def _propose_tree(self, state: DecodingState) -> Draft:
+        tree = self.tree
+        batch_size = state.sequences.shape[0]
+        device = state.sequences.device
+        if int(state.budget.max()) == 0:
+            return Draft.empty(batch_size, device)
+        depth_limit = min(tree.depth, int(state.budget.max()))
+        capacity = tree.top_k + (depth_limit - 1) * tree.top_k * tree.top_k
+        buffers = _CandidateBuffers(batch_size, capacity, depth_limit, device)
+
+        root_logits = self._catch_up(state)
+        root_prefixes = TreePrefixes(state.sequences, state.lengths, state.sequences[:, None, :0],
+                                     torch.zeros(batch_size, 1, dtype=torch.long, device=device))
+        log_q = _log_probs(self._process(root_logits, state, root_prefixes))
+        frontier = buffers.add_children(log_q[:, None], parents=None, top_k=tree.top_k)
+        fed = []
+        for level in range(1, depth_limit):
+            fed.append(frontier)
+            node_ids = frontier.to(self.device)
+            depths = torch.full_like(node_ids, level - 1)
+            outputs = self._forward_tentative(buffers.tokens.gather(1, frontier).to(self.device), node_ids, depths,
+                                              buffers.ancestors.to(self.device))
+            prefixes = TreePrefixes(state.sequences, state.lengths, buffers.paths.gather(
+                1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1])), buffers.depth.gather(1, frontier))
+            log_q = _log_probs(self._process(outputs.logits, state, prefixes))
+            children = buffers.add_children(log_q, parents=frontier, top_k=tree.top_k)
+            frontier = buffers.best(children, tree.top_k)
+        draft, selected = buffers.select(tree.max_nodes)
+        fed_ids = torch.cat(fed, dim=1) if fed else selected[:, :0]
+        is_fed = (selected[:, :, None] == fed_ids[:, None, :]).any(-1)
+        self._fed_nodes = torch.where(is_fed, selected, -1).to(self.device)  # indexed by draft node
+        self._tree_candidates = selected.to(self.device)
+        return draft
+
+    def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        super().accept(state, draft, path, num_accepted)
+        if self.cache is None or self.cache.slot_nodes.shape[1] == 0:
+            return
+        path = path.to(self.device)
+        num_accepted = num_accepted.to(self.device)
+        if self.tree is None:
+            # chain: node i was fed at tentative node id i, for i < steps - 1
+            counts = num_accepted.clamp(max=self._fed_nodes.shape[1])
+            node_ids = path.clamp(min=0)
+        else:
+            node_ids = self._fed_nodes.gather(1, path.clamp(min=0))
+            in_path = torch.arange(path.shape[1], device=self.device) < num_accepted[:, None]
+            counts = ((node_ids >= 0) & in_path).long().cumprod(-1).sum(-1)
+        self.cache.keep(node_ids, counts)
+        self.fed = self.fed + counts.to(self.fed.device)
+        self.cache.compact()
+
+    # ------------------------------------------------------------------ model calls
+    def _forward_committed(self, tokens, valid):
+        return self._timed(self.cache.forward_committed, tokens.to(self.device), valid.to(self.device),
+                           logits_to_keep=1)
+
+    def _forward_tentative(self, tokens, node_ids, depths, ancestors):
+        return self._timed(self.cache.forward_tentative, tokens, node_ids, depths, ancestors)
+
+    def _timed(self, function, *args, **kwargs):
+        _synchronize(self.device)
+        start = time.perf_counter()
+        outputs = function(*args, **kwargs)
+        _synchronize(self.device)
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_count += 1
+        return outputs
+
+    def _process(self, logits: torch.Tensor, state: DecodingState, prefixes: TreePrefixes) -> torch.Tensor:
+        """Draft logits [B, (Q,) V_draft] → processed scores in the target's vocabulary, on the target's device."""
+        squeeze = logits.dim() == 2
+        logits = logits[:, None] if squeeze else logits
+        logits = match_vocabulary(logits.float(), state.vocab_size).to(state.sequences.device)
+        scores = apply_processors(state.logits_processor, logits, prefixes)
+        return scores[:, 0] if squeeze else scores
+
+
+class _CandidateBuffers:
+    """Every node drafted during one EAGLE-2 tree expansion, with its cumulative draft log-probability."""
+
+    def __init__(self, batch_size, capacity, max_depth, device):
+        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.parents = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.scores = torch.full((batch_size, capacity), float("-inf"), device=device)
+        self.depth = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.paths = torch.zeros(batch_size, capacity, max_depth, dtype=torch.long, device=device)
+        self.ancestors = torch.eye(capacity, dtype=torch.bool, device=device).repeat(batch_size, 1, 1)
+        self.count = 0
+
+    def add_children(self, log_q: torch.Tensor, parents: torch.Tensor | None, top_k: int) -> torch.Tensor:
+        """log_q: [B, F, V] draft log-probs at F parents → top_k children each; returns their ids [B, F * top_k]."""
+        batch_size, num_parents, _ = log_q.shape
+        child_log_q, child_tokens = log_q.topk(top_k, dim=-1)  # [B, F, k]
+        if parents is None:
+            parent_ids = torch.full((batch_size, num_parents), -1, dtype=torch.long, device=log_q.device)
+            parent_scores = torch.zeros(batch_size, num_parents, device=log_q.device)
+        else:
+            parent_ids, parent_scores = parents, self.scores.gather(1, parents)
+        ids = torch.arange(self.count, self.count + num_parents * top_k, device=log_q.device).expand(batch_size, -1)
+        self.count += num_parents * top_k
+        parent_of = parent_ids[:, :, None].expand(-1, -1, top_k).reshape(batch_size, -1)
+        self.tokens[:, ids[0]] = child_tokens.reshape(batch_size, -1)
+        self.parents[:, ids[0]] = parent_of
+        self.scores[:, ids[0]] = (parent_scores[:, :, None] + child_log_q).reshape(batch_size, -1)
+        parent_depth = torch.where(parent_of >= 0, self.depth.gather(1, parent_of.clamp(min=0)), 0)
+        depth = parent_depth + 1
+        self.depth[:, ids[0]] = depth
+        parent_paths = self.paths.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.paths.shape[-1]))
+        parent_paths = torch.where((parent_of >= 0)[:, :, None], parent_paths, 0)
+        parent_paths.scatter_(2, (depth - 1)[:, :, None], self.tokens[:, ids[0]][:, :, None])
+        self.paths[:, ids[0]] = parent_paths
+        parent_rows = self.ancestors.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.ancestors.shape[-1]))
+        parent_rows = parent_rows & (parent_of >= 0)[:, :, None]
+        self.ancestors[:, ids[0]] = parent_rows | self.ancestors[:, ids[0]]
+        return ids
+
+    def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
+        scores = self.scores.gather(1, ids)
+        return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
+
+    def select(self, max_nodes: int) -> tuple[Draft, torch.Tensor]:
+        """The best `max_nodes` candidates as a topologically ordered Draft. A child never scores above its
+        parent, and ties go to the shallower node, so the selection is a connected subtree."""
+        scores = self.scores[:, : self.count]
+        depth = self.depth[:, : self.count]
+        # rank by score, then by depth (parents first among equals)
+        rank_key = scores - depth.float() * 1e-6
+        chosen = rank_key.topk(min(max_nodes, self.count), dim=-1).indices
+        chosen_depth = depth.gather(1, chosen)
+        order = (chosen_depth.float() * 1e4 - rank_key.gather(1, chosen).clamp(min=-1e3)).argsort(dim=-1)
+        chosen = chosen.gather(1, order)
+        batch_size = chosen.shape[0]
+        position_of = torch.full((batch_size, self.count), -1, dtype=torch.long, device=chosen.device)
+        position_of.scatter_(1, chosen, torch.arange(chosen.shape[1], device=chosen.device).expand(batch_size, -1))
+        parent_ids = self.parents.gather(1, chosen)
+        parents = torch.where(parent_ids >= 0, position_of.gather(1, parent_ids.clamp(min=0)), -1)
+        valid = torch.isfinite(self.scores.gather(1, chosen)) & ((parent_ids < 0) | (parents >= 0))
+        # a node whose parent is invalid is invalid too (parents come first, so one pass settles it)
+        for index in range(chosen.shape[1]):
+            parent = parents[:, index]
+            parent_ok = torch.where(parent >= 0, valid.gather(1, parent.clamp(min=0)[:, None])[:, 0], True)
+            valid[:, index] &= parent_ok
+        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=valid)
+        return draft, chosen
+
+
+def _draw(scores: torch.Tensor, do_sample: bool):
+    if do_sample:
+        q = scores.softmax(-1)
+        return torch.multinomial(q, 1)[:, 0], q
+    return scores.argmax(-1), None
+
+
+def _log_probs(scores: torch.Tensor) -> torch.Tensor:
+    return scores.log_softmax(-1)
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def match_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft logits over the draft's vocabulary → the target's: extra draft entries are cut, missing ones are -inf
+    (padded vocabularies of one tokenizer differ only in unused trailing rows)."""
+    draft_vocab = logits.shape[-1]
+    if draft_vocab == vocab_size:
+        return logits
+    if draft_vocab > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - draft_vocab), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
+def check_shared_vocabulary(target, drafter_model) -> None:
+    """Raise when the two models cannot share a tokenizer; allow padded vocabularies of the same tokenizer."""
+    target_vocab = target.config.get_text_config().vocab_size
+    draft_vocab = drafter_model.config.get_text_config().vocab_size
+    if target_vocab == draft_vocab:
+        return
+    smaller, larger = sorted((target_vocab, draft_vocab))
+    if smaller / larger < 0.99:
+        raise ValueError(
+            f"The target's vocabulary ({target_vocab} tokens) and the drafter's ({draft_vocab}) are too different to "
+            "come from one tokenizer. hf_specdec drafters must share the target's tokenizer; use a drafter from the "
+            "same model family, or transformers' universal assisted decoding (pass a plain model as "
+            "`assistant_model` together with `tokenizer=` and `assistant_tokenizer=`)."
+        )

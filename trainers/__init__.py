@@ -1,0 +1,26 @@
+"""Trainers for speculative-decoding drafters: `transformers.Trainer` subclasses with their configs.
+
+- `DistillTrainer` / `DistillConfig`: DistillSpec-style distillation of a drafter from its target.
+- `AdaSPECTrainer` / `AdaSPECConfig`: distillation on the tokens a reference drafter shows are learnable.
+- `SoFTTrainer` / `SoFTConfig`: sorted fine-tuning of one model whose first layers form nested drafters.
+
+Shared per-token divergences and the token normaliser live in `trainers.losses`.
+"""
+
+
+from .base import BaseDrafterConfig, BaseDrafterTrainer
+from .distill import DistillConfig, DistillTrainer
+
+
+__all__ = [
+    "AdaSPECConfig",
+    "AdaSPECTrainer",
+    "BaseDrafterConfig",
+    "BaseDrafterTrainer",
+    "DistillConfig",
+    "DistillTrainer",
+    "SoFTConfig",
+    "SoFTTrainer",
+    "exit_logits",
+    "truncate_model",
+]

@@ -1,0 +1,426 @@
+"""What every drafter trainer shares: the config fields, model and teacher loading, frozen-model placement,
+dataset tokenization, the token normaliser, token-weighted metrics and the model card.
+
+Subclasses implement `compute_loss` (returning `sum over tokens / num_items_in_batch`, see `losses.py`) and, when
+their batches change between loading and training (on-policy generation, token filtering), `prepare_window`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .data import DraftDataCollator, tokenize_dataset
+from .losses import DIVERGENCES, IGNORE_INDEX, get_divergence, supervised_positions
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BaseDrafterConfig(TrainingArguments):
+    """Fields shared by every drafter trainer's config (on top of `transformers.TrainingArguments`)."""
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
+
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Maximum tokens per training row (prompt + completion); longer rows keep their start."},
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Per-token divergence between drafter and teacher: forward_kl = KL(teacher‖draft), reverse_kl "
+            "= KL(draft‖teacher), jsd = generalised JSD with `beta`, tvd = total variation (1 − expected "
+            "acceptance, the quantity speculative sampling pays for).",
+            "choices": sorted(DIVERGENCES),
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "Mixture weight of the teacher in the `jsd` divergence, strictly between 0 and 1."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Loss temperature: both models' logits are divided by it before the divergence."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn off dropout in the student (drafter), so its training and sampling distributions match."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when `model` is given as a path (JSON on the CLI)."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when `teacher_model` is a path, e.g. "
+            '\'{"dtype": "bfloat16"}\' (JSON on the CLI).'
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize the datasets (None: the main process only)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in self._VALID_DICT_FIELDS:
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value.strip().startswith("{"):
+                setattr(self, name, json.loads(value))
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r} is unknown; choose one of {sorted(DIVERGENCES)}.")
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(
+                f"divergence='jsd' needs 0 < beta < 1, got beta={self.beta}. For beta=0 use divergence='forward_kl',"
+                " for beta=1 use divergence='reverse_kl'."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}.")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: `nn.Dropout` modules and the float `attention_dropout` that HF attention layers pass to
+    the attention kernel directly."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """Rows of the model's LM head, read from the config so that sharded (ZeRO-3) weights do not matter."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.vocab_size
+
+
+def _init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(kwargs or {})
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] != "auto":
+            kwargs[key] = getattr(torch, kwargs[key])
+    return kwargs
+
+
+def load_causal_lm(model_or_path: str | nn.Module, init_kwargs: dict[str, Any] | None, role: str) -> nn.Module:
+    """A model given as a path is loaded with `init_kwargs`; an instance is returned as is (then kwargs are an error,
+    since they would be silently ignored)."""
+    if isinstance(model_or_path, str):
+        return AutoModelForCausalLM.from_pretrained(model_or_path, **_init_kwargs(init_kwargs))
+    if init_kwargs:
+        raise ValueError(
+            f"`{role}_init_kwargs` only apply when `{role}` is a path to load; you passed an instantiated model. "
+            f"Drop the kwargs or pass the path instead."
+        )
+    return model_or_path
+
+
+def check_shared_vocabulary(student: nn.Module, other: nn.Module, tokenizer, role: str) -> None:
+    """The losses compare the two models on their common vocabulary prefix; every id the tokenizer can produce must
+    lie inside it, or the models cannot share a tokenizer."""
+    shared = min(vocab_size_of(student), vocab_size_of(other))
+    if tokenizer is not None and len(tokenizer) > shared:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the {role} scores only {vocab_size_of(other)} and the "
+            f"draft {vocab_size_of(student)}: they do not share a tokenizer. Distillation here needs the draft and "
+            "the teacher to use the same tokenizer (LM heads may be padded to different sizes)."
+        )
+
+
+def check_same_tokenizer(tokenizer, other_path: str, role: str) -> None:
+    """When a frozen model comes from a path with its own tokenizer, it must be the drafter's tokenizer."""
+    if tokenizer is None:
+        return
+    try:
+        other = AutoTokenizer.from_pretrained(other_path)
+    except (OSError, ValueError):
+        return  # no tokenizer saved next to the weights: nothing to compare
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The {role} at {other_path!r} uses a different tokenizer from the drafter's `processing_class` "
+            f"({len(other)} vs {len(tokenizer)} tokens, or different ids). Token-level distillation needs one "
+            "shared tokenizer: pick a drafter from the teacher's family."
+        )
+
+
+def call_inside_forward(wrapped: nn.Module, inner: nn.Module, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run `fn(*args, **kwargs)` as if it were `inner.forward`, called through `wrapped` (a DDP / FSDP / DeepSpeed
+    wrapper, or `inner` itself under FSDP2).
+
+    Code that calls several submodules of a sharded model (e.g. the decoder, then the final norm and LM head on
+    intermediate hidden states) must run inside the wrapper's forward: that is where FSDP gathers the shards and DDP
+    prepares its gradient reduction.
+    """
+    own_forward = inner.__dict__.get("forward")  # accelerate may have wrapped forward on the instance
+
+    def redirected(*a, **k):
+        _restore_forward(inner, own_forward)
+        return fn(*a, **k)
+
+    inner.forward = redirected
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _restore_forward(inner, own_forward)
+
+
+def _restore_forward(module: nn.Module, own_forward: Callable | None) -> None:
+    if own_forward is not None:
+        module.forward = own_forward
+    else:
+        module.__dict__.pop("forward", None)
+
+
+class BaseDrafterTrainer(Trainer):
+    """`transformers.Trainer` for drafters: see the module docstring. Not used directly."""
+
+    # Every loss here is `sum / num_items_in_batch` over the whole accumulation window (× processes when tokens
+    # are averaged across devices), so Trainer must not divide by the accumulation steps again.
+    loss_is_scaled_for_ga = True
+    config_class = BaseDrafterConfig
+    requires_teacher = False
+    _tag_names: list[str] = ["hf-specdec", "speculative-decoding", "draft-model"]
+    _name = "Drafter"
+    _paper: dict[str, str] | None = None  # {"title", "arxiv"} for the model card
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        teacher_model: str | PreTrainedModel | nn.Module | None = None,
+        args: BaseDrafterConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        if args is None:
+            args = self.config_class(output_dir=f"{(model_id or 'draft').rstrip('/').split('/')[-1]}-{self._name}")
+        elif not isinstance(args, BaseDrafterConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs its own config class ({self.config_class.__name__}), "
+                f"got {type(args).__name__}."
+            )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "Several GPUs in one process (torch DataParallel) are not supported: start one process per GPU with "
+                "`accelerate launch` or `torchrun`."
+            )
+        if isinstance(model, str) and processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model)
+        model = load_causal_lm(model, args.model_init_kwargs, "model")
+        teacher = self._load_frozen(teacher_model, args.teacher_model_init_kwargs, "teacher_model", model, processing_class)
+        if teacher is None and self.requires_teacher:
+            raise ValueError(
+                f"{type(self).__name__} distils from a teacher: pass `teacher_model=` (a model or a path to one; "
+                "its load options go in `args.teacher_model_init_kwargs`)."
+            )
+        if peft_config is not None:
+            model = self._wrap_peft(model, peft_config, args)
+        if args.disable_dropout:
+            disable_dropout(model)
+
+        self.pad_token_id = self._resolve_pad_token_id(processing_class, model)
+        if data_collator is None:
+            data_collator = DraftDataCollator(self.pad_token_id)
+        with args.main_process_first(desc="tokenizing datasets"):
+            train_dataset = self._tokenize(train_dataset, processing_class, args)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {name: self._tokenize(ds, processing_class, args) for name, ds in eval_dataset.items()}
+            else:
+                eval_dataset = self._tokenize(eval_dataset, processing_class, args)
+
+        self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._metric_counts: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.divergence_fn = get_divergence(args.divergence, args.beta)
+        self.teacher_model = self.prepare_frozen_model(teacher) if teacher is not None else None
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ----- construction helpers -----------------------------------------------------------------------------------
+
+    def _load_frozen(self, model_or_path, init_kwargs, role: str, student: nn.Module, tokenizer) -> nn.Module | None:
+        if model_or_path is None:
+            if init_kwargs:
+                raise ValueError(f"`{role}_init_kwargs` were given but no `{role}` to load them for.")
+            return None
+        if isinstance(model_or_path, str):
+            check_same_tokenizer(tokenizer, model_or_path, role)
+        frozen = load_causal_lm(model_or_path, init_kwargs, role)
+        check_shared_vocabulary(student, frozen, tokenizer, role)
+        return frozen
+
+    @staticmethod
+    def _wrap_peft(model: nn.Module, peft_config, args: BaseDrafterConfig) -> nn.Module:
+        from peft import PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):
+            raise ValueError("The model is already a PeftModel; pass it without `peft_config` to keep training it.")
+        if args.gradient_checkpointing:
+            # Frozen embeddings give checkpointed blocks inputs without grad; LoRA weights inside would get none.
+            model.enable_input_require_grads()
+        return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def _resolve_pad_token_id(tokenizer, model: nn.Module) -> int:
+        candidates = []
+        if tokenizer is not None:
+            candidates += [tokenizer.pad_token_id, tokenizer.eos_token_id]
+        config = getattr(model, "config", None)
+        candidates += [getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)]
+        for candidate in candidates:
+            if isinstance(candidate, list):
+                candidate = candidate[0] if candidate else None
+            if candidate is not None:
+                return int(candidate)
+        return 0  # padding is masked out of attention and labels, so any id works
+
+    @staticmethod
+    def _tokenize(dataset, tokenizer, args: BaseDrafterConfig):
+        if dataset is None:
+            return None
+        return tokenize_dataset(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
+
+    def prepare_frozen_model(self, model: nn.Module) -> nn.Module:
+        """Place a frozen model (teacher, reference) for the current backend: sharded under ZeRO-3 and FSDP, a
+        plain copy on this device otherwise — never wrapped in DDP, which would all-reduce gradients it has none of."""
+        model.eval()
+        model.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(model, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models import prepare_fsdp
+
+            return prepare_fsdp(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    # ----- forward helpers ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def frozen_logits(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
+        return frozen_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+    @staticmethod
+    def trained_targets(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(positions, target_ids)`: the bool `(B, T-1)` mask of logits that are trained and the ids they predict."""
+        positions = supervised_positions(inputs["labels"])
+        return positions, inputs["labels"][:, 1:][positions]
+
+    def loss_scale(self) -> int:
+        """Processes to multiply by when `num_items_in_batch` is a global count (see `losses.normalize_token_loss`)."""
+        return self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+
+    # ----- the accumulation window and its token count -----------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """Collect the micro-batches of one optimizer step, let the trainer rewrite them (`prepare_window`), then
+        count the tokens that count — after the rewrite, so the normaliser matches what the loss sums."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batches:
+            batches = self.prepare_window(batches)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def prepare_window(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Hook: rewrite the micro-batches of one optimizer step before their tokens are counted."""
+        return batches
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hook: how many tokens of this micro-batch the loss sums over."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples:
+            return None
+        count = sum(self.count_loss_tokens(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    # ----- evaluation: the loss and the logged metrics, no logits gathered ---------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ----- token-weighted metrics, reduced over processes when logged --------------------------------------------
+
+    def record_metric(self, name: str, values: torch.Tensor, mode: str | None = None) -> None:
+        """Accumulate per-token (or per-item) values; `log` reports their mean over everything since the last log,
+        over all processes."""
+        mode = mode or ("train" if self.model.training else "eval")
+        self._metric_sums[mode][name] += float(values.detach().float().sum())
+        self._metric_counts[mode][name] += values.numel()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        eval_loss_key = next((k for k in logs if k.endswith("loss") and k.startswith(("eval", "test"))), None)
+        mode, prefix = ("eval", eval_loss_key[: -len("loss")]) if eval_loss_key else ("train", "")
+        sums, counts = self._metric_sums[mode], self._metric_counts[mode]
+        if sums:
+            names = sorted(sums)
+            totals = torch.tensor([[sums[n], counts[n]] for n in names], dtype=torch.float64, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            for name, (total, count) in zip(names, totals.tolist()):
+                logs[prefix + name] = total / max(count, 1.0)
+            sums.clear()
+            counts.clear()
+        super().log(logs, start_time)
+
+    # ----- saving: model card + tags ------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.write_model_card(output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+        """Called by `push_to_hub`: the card goes to `args.output_dir`."""
+        if self.is_world_process_zero():
+            self.write_model_card(self.args.output_dir, model_name=model_name, dataset_name=dataset_name)
+
+    def model_card_summary(self) -> dict[str, Any]:
+        """Hook: the training settings worth stating in the model card."""
+        return {"divergence": self.args.divergence, "temperature": self.args.temperature}
+
+    def write_model_card(self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None):
+        from .model_card import render_model_card
+
+        os.makedirs(output_dir, exist_ok=True)
+        card = render_model_card(self, model_name=model_name, dataset_name=dataset_name)
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)

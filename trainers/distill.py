@@ -1,0 +1,226 @@
+"""DistillSpec-style knowledge distillation of a drafter from its target.
+
+Each micro-batch is trained on one of three data sources: with probability `lmbda` the drafter samples
+continuations of the batch's prompts (on-policy, DistillSpec's key ingredient); otherwise, with `seq_kd`, the
+teacher does; otherwise the dataset's own completions are used. In every case the teacher scores the tokens and the
+loss is a per-token divergence over the full vocabulary, summed over trained tokens and divided by the number of
+trained tokens in the optimizer step (recounted after generation).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from .base import BaseDrafterConfig, BaseDrafterTrainer
+from .data import pad_rows, prompt_length
+from .losses import (
+    IGNORE_INDEX,
+    expected_acceptance,
+    normalize_token_loss,
+    shared_vocab,
+    token_cross_entropy,
+    top1_agreement,
+)
+
+DATA_SOURCES = ("dataset", "student", "teacher")
+
+
+@dataclass
+class DistillConfig(BaseDrafterConfig):
+    """Configuration of `DistillTrainer`: `TrainingArguments` plus the distillation fields below (and the shared
+    ones in `BaseDrafterConfig`: `divergence`, `beta`, `temperature`, `max_length`, `disable_dropout`,
+    `teacher_model_init_kwargs`, ...)."""
+
+    _VALID_DICT_FIELDS = BaseDrafterConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
+
+    lmbda: float = field(
+        default=0.5,
+        metadata={
+            "help": "Probability that a micro-batch is on-policy: the drafter samples continuations of the batch's "
+            "prompts and the teacher scores them. 0 trains on the dataset (or teacher generations) only."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "When a micro-batch is not on-policy, let the teacher generate its completions (sequence-level "
+            "KD) instead of using the dataset's."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Tokens generated per prompt for on-policy and `seq_kd` micro-batches."}
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of on-policy / `seq_kd` generation (separate from the loss one)."},
+    )
+    generation_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra `GenerationConfig` fields for on-policy / `seq_kd` generation, e.g. '{\"top_p\": 0.95}'."},
+    )
+    ce_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an added next-token cross-entropy on the batch's labels (dataset or teacher "
+            "generations; never on the drafter's own samples)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda is a probability, got {self.lmbda}; use 0 for off-policy, 1 for always on-policy.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.generation_temperature <= 0:
+            raise ValueError(
+                f"generation_temperature must be > 0, got {self.generation_temperature}; for greedy generation "
+                "pass generation_kwargs='{\"do_sample\": false}'."
+            )
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}.")
+
+
+class DistillTrainer(BaseDrafterTrainer):
+    """Distil a drafter (`model`) from its target (`teacher_model`); see the module docstring.
+
+    Hooks for subclasses: `divergence` (the per-token loss), `select_tokens` (which trained tokens enter the loss),
+    `data_source` (where a micro-batch's completions come from), `prepare_window` (rewrite a whole optimizer step).
+    """
+
+    config_class = DistillConfig
+    requires_teacher = True
+    _tag_names = BaseDrafterTrainer._tag_names + ["distillation", "distillspec"]
+    _name = "DistillSpec"
+    _paper = {"title": "DistillSpec: Improving Speculative Decoding via Knowledge Distillation", "arxiv": "2310.08461"}
+
+    # ----- data: where each micro-batch's completions come from ---------------------------------------------------
+
+    def data_source(self, index_in_window: int) -> str:
+        """One of `DATA_SOURCES`. The draw is seeded by (seed, step, index) so that every process makes the same
+        choice (ZeRO-3 generation is collective) and a resumed run repeats it."""
+        rng = random.Random(f"{self.args.seed}-{self.state.global_step}-{index_in_window}")
+        if self.args.lmbda > 0 and rng.random() < self.args.lmbda:
+            return "student"
+        return "teacher" if self.args.seq_kd else "dataset"
+
+    def prepare_window(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        prepared = []
+        for index, batch in enumerate(batches):
+            source = self.data_source(index)
+            if source != "dataset":
+                generator = self.model_wrapped if source == "student" else self.teacher_model
+                batch = self.generate_completions(generator, batch)
+            batch["data_source"] = source
+            self.record_metric("on_policy", torch.tensor([float(source == "student")]), mode="train")
+            prepared.append(batch)
+        return prepared
+
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        if self.processing_class is not None and getattr(self.processing_class, "eos_token_id", None) is not None:
+            ids.add(self.processing_class.eos_token_id)
+        eos = getattr(getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return sorted(ids)
+
+    @torch.no_grad()
+    def generate_completions(self, generator: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        """Replace each row's completion with one sampled from `generator`, keeping its prompt (the tokens before
+        the first trained label). Generated tokens up to and including the first EOS are trained."""
+        from trl.models import unwrap_model_for_generation
+
+        device = batch["input_ids"].device
+        prompts = []
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            length = int(mask.sum())
+            prompts.append(ids[: prompt_length(labels[:length])].tolist())
+        width = max(len(p) for p in prompts)
+        # Left padding: every prompt ends at the same column, where generation continues.
+        prompt_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        eos_ids = self.eos_token_ids()
+        generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=self.args.generation_temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=self.args.max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=eos_ids or None,
+            **(self.args.generation_kwargs or {}),
+        )
+        with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            output = unwrapped.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+            unwrapped.train(was_training)
+        rows = []
+        for prompt, completion in zip(prompts, output[:, width:].tolist()):
+            ends = [i for i, token in enumerate(completion) if token in eos_ids]
+            completion = completion[: ends[0] + 1] if ends else completion
+            rows.append(
+                {
+                    "input_ids": (prompt + completion)[: self.args.max_length],
+                    "labels": ([IGNORE_INDEX] * len(prompt) + completion)[: self.args.max_length],
+                }
+            )
+        return {key: value.to(device) for key, value in pad_rows(rows, self.pad_token_id).items()}
+
+    # ----- loss ---------------------------------------------------------------------------------------------------
+
+    def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Hook: per-token divergence on `(N, vocab)` logits of the trained positions (shared vocabulary)."""
+        return self.divergence_fn(student_logits, teacher_logits, self.args.temperature)
+
+    def select_tokens(
+        self, inputs: dict[str, Any], positions: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Hook: a bool `(N,)` mask of the trained tokens that enter the loss, or None for all of them."""
+        return None
+
+    def normalizes_over_selected_tokens(self) -> bool:
+        """Hook: whether the loss divides by the selected tokens (True) or by all trained tokens (False). A subclass
+        returning True must also count selected tokens in `count_loss_tokens`."""
+        return False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions, targets = self.trained_targets(inputs)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        student_full = outputs.logits[:, :-1][positions]
+        teacher_full = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
+        student, teacher = shared_vocab(student_full, teacher_full)
+        divergence = self.divergence(student, teacher)
+        per_token = divergence
+        use_ce = self.args.ce_weight > 0 and inputs.get("data_source", "dataset") != "student"
+        if use_ce:
+            cross_entropy = token_cross_entropy(student_full, targets)
+            per_token = per_token + self.args.ce_weight * cross_entropy
+        selected = self.select_tokens(inputs, positions, student, teacher)
+        if selected is not None:
+            per_token = torch.where(selected, per_token, torch.zeros_like(per_token))
+        # Trained tokens count in the normaliser unless the trainer counts only selected ones (`count_loss_tokens`
+        # decides the training count; this mask gives evaluation the same rule).
+        counted = selected if selected is not None and self.normalizes_over_selected_tokens() else None
+        loss = normalize_token_loss(per_token, counted, num_items_in_batch, self.loss_scale())
+        if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
+            loss = loss + 0.0 * outputs.logits.sum()
+        else:
+            self.record_metric("divergence", divergence)
+            self.record_metric("expected_acceptance", expected_acceptance(student.detach(), teacher))
+            self.record_metric("top1_agreement", top1_agreement(student.detach(), teacher))
+            if use_ce:
+                self.record_metric("ce", cross_entropy)
+        return (loss, outputs) if return_outputs else loss
+
+    def model_card_summary(self) -> dict[str, Any]:
+        args = self.args
+        summary = {"divergence": args.divergence + (f" (beta={args.beta})" if args.divergence == "jsd" else "")}
+        summary.update({"temperature": args.temperature, "on-policy fraction (lmbda)": args.lmbda})
+        summary.update({"teacher-generated data (seq_kd)": args.seq_kd, "cross-entropy weight": args.ce_weight})
+        return summary
