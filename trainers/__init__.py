@@ -7,10 +7,10 @@
 Shared per-token divergences and the token normaliser live in `trainers.losses`.
 """
 
-
+from .adaspec import AdaSPECConfig, AdaSPECTrainer
 from .base import BaseDrafterConfig, BaseDrafterTrainer
 from .distill import DistillConfig, DistillTrainer
-
+from .soft import SoFTConfig, SoFTTrainer, exit_logits, truncate_model
 
 __all__ = [
     "AdaSPECConfig",
