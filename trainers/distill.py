@@ -109,13 +109,22 @@ class DistillTrainer(BaseDrafterTrainer):
             return "student"
         return "teacher" if self.args.seq_kd else "dataset"
 
+    def generation_seed(self, index_in_window: int) -> int:
+        """Sampling seed of one micro-batch's generation. Trainer restores the global RNG of a resumed run only after
+        the window's batches are fetched, so generation draws from its own seed: resumed runs repeat the samples."""
+        key = f"{self.args.seed}-{self.state.global_step}-{index_in_window}-{self.args.process_index}-generate"
+        return random.Random(key).getrandbits(63)
+
     def prepare_window(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         prepared = []
         for index, batch in enumerate(batches):
             source = self.data_source(index)
             if source != "dataset":
                 generator = self.model_wrapped if source == "student" else self.teacher_model
-                batch = self.generate_completions(generator, batch)
+                device = self.args.device
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(self.generation_seed(index))
+                    batch = self.generate_completions(generator, batch)
             batch["data_source"] = source
             self.record_metric("on_policy", torch.tensor([float(source == "student")]), mode="train")
             prepared.append(batch)

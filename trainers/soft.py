@@ -61,6 +61,12 @@ def check_exits(exits: list[int], model: nn.Module) -> None:
             f"exits {bad} are out of range: the model has {total} decoder layers, so every exit must be in "
             f"1..{total} (exit e = the first e layers)."
         )
+    if exits[-1] != total:
+        # Layers past the last exit would run without receiving gradients (and break DDP's reduction).
+        raise ValueError(
+            f"The last exit must be the model's full depth ({total} layers), got {exits[-1]}: add {total} to exits, "
+            f"or cut the model to {exits[-1]} layers first with `truncate_model(model, {exits[-1]})`."
+        )
 
 
 def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

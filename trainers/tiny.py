@@ -6,7 +6,7 @@ the tests. Nothing here downloads anything; everything is reproducible from a se
 - `tiny_corpus(n)`: sentences from a fixed random "language": a sparse word-bigram Markov chain whose words are
   random letter strings. Spelling inside a word is deterministic and the choice of the next word is random, so a
   drafter has both easy and hard tokens to learn, and the target's distribution has real entropy.
-- `tiny_causal_lm(...)`: a randomly initialised Llama-architecture model of any small size.
+- `tiny_llama(...)`: a randomly initialised Llama-architecture model of any small size.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def tiny_corpus(num_rows: int, seed: int = 0, language_seed: int = 0, prompt_wor
     return rows
 
 
-def tiny_causal_lm(
+def tiny_llama(
     vocab_size: int = 32,
     hidden_size: int = 32,
     num_hidden_layers: int = 2,

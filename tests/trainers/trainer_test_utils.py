@@ -1,0 +1,54 @@
+"""Helpers shared by the trainer tests (imported by name: the test folders are not packages)."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from trainers.tiny import tiny_corpus, tiny_llama
+
+
+def corpus_dataset(num_rows: int, seed: int = 0, columns=("prompt", "completion")) -> Dataset:
+    return Dataset.from_list(tiny_corpus(num_rows, seed=seed)).select_columns(list(columns))
+
+
+def peaked_teacher(tokenizer, seed: int = 1, num_hidden_layers: int = 2, vocab_size: int = 32, scale: float = 8.0):
+    """A random teacher whose LM head is scaled up, so its distributions are far from uniform (a random student's
+    expected acceptance against it starts low)."""
+    teacher = tiny_llama(num_hidden_layers=num_hidden_layers, seed=seed, tokenizer=tokenizer, vocab_size=vocab_size)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(scale)
+    return teacher
+
+
+def fast_args(config_class, tmp_path, **overrides):
+    """A config for a few CPU steps: no saving, no reporting, deterministic."""
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def sgd_args(config_class, tmp_path, **overrides):
+    """One plain SGD step with lr 1 and no clipping: the parameter update *is* minus the gradient."""
+    return fast_args(
+        config_class,
+        tmp_path,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        max_steps=1,
+        **overrides,
+    )
