@@ -113,8 +113,8 @@ class _Run:
         tick = _clock(self.device)
         outputs = self.target.forward_committed(self.sequences[rows, : self.prompt_length], valid, logits_to_keep=1)
         logits = outputs.logits[:, -1:].float()
-        prefixes = TreePrefixes(self.sequences[rows], self.lengths[rows], self.sequences[rows, None, :0],
-                                torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
+        prefixes = self._state().prefixes(self.sequences[rows, None, :0],
+                                          torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
         processed = apply_processors(self.processors, logits, prefixes)
         if self.do_sample:
             token = torch.multinomial(processed[:, 0].softmax(-1), 1)
@@ -172,6 +172,8 @@ class _Run:
             logits_processor=self.processors,
             do_sample=self.do_sample,
             vocab_size=self.vocab_size,
+            row_ids=rows,
+            batch_size=len(self.sequences),
             target_config=self.model.config,
         )
 
@@ -189,10 +191,8 @@ class _Run:
             ended = is_eos.any(-1) & (first_eos <= counts)
         else:
             ended = torch.zeros_like(counts, dtype=torch.bool)
-        within = steps[None, :] < counts[:, None]
-        columns = (lengths[:, None] + steps[None, :]).clamp(max=self.sequences.shape[1] - 1)
-        current = self.sequences[rows[:, None], columns]
-        self.sequences[rows[:, None], columns] = torch.where(within, tokens, current)
+        source_rows, offsets = (steps[None, :] < counts[:, None]).nonzero(as_tuple=True)
+        self.sequences[rows[source_rows], lengths[source_rows] + offsets] = tokens[source_rows, offsets]
         self._record_scores(rows, lengths, counts, processed, raw_logits)
         self.lengths[rows] = lengths + counts
         if self.extra_criteria:
@@ -269,7 +269,7 @@ class _VerifyChunk:
     paths: torch.Tensor  # [B, 1 + N, D] tokens after the root on each position's path
 
     def prefixes(self, state: DecodingState) -> TreePrefixes:
-        return TreePrefixes(state.sequences, state.lengths, self.paths, self.depths)
+        return state.prefixes(self.paths, self.depths)
 
 
 def _verify_chunk(state: DecodingState, draft: Draft) -> _VerifyChunk:

@@ -44,8 +44,11 @@ class TreePrefixes:
     paths: [B, Q, D] path tokens after the root for each position; depths: [B, Q] their number (0 for the root).
     """
 
-    def __init__(self, committed, lengths, paths, depths):
+    def __init__(self, committed, lengths, paths, depths, row_ids=None, batch_size=None):
         self.committed, self.lengths, self.paths, self.depths = committed, lengths, paths, depths
+        # rows of the generate() call these prefixes belong to (finished rows are gone), for per-row processor state
+        self.row_ids = row_ids if row_ids is not None else torch.arange(len(lengths), device=lengths.device)
+        self.batch_size = batch_size if batch_size is not None else len(lengths)
 
     def prefix_lengths(self) -> torch.Tensor:
         return self.lengths[:, None] + self.depths
@@ -80,8 +83,30 @@ def apply_processors(processors, scores: torch.Tensor, prefixes: TreePrefixes) -
         for length, rows, positions in groups:
             input_ids = prefixes.gather(rows, positions, length)
             flat_index = rows * num_positions + positions
-            flat[flat_index] = processor(input_ids, flat[flat_index])
+            with _per_row_state(processor, prefixes.row_ids[rows], prefixes.batch_size):
+                flat[flat_index] = processor(input_ids, flat[flat_index])
     return flat.reshape(batch_size, num_positions, vocab)
+
+
+class _per_row_state:
+    """Some processors keep per-row tensors built for the whole batch of the generate() call (e.g. the repetition
+    penalty's `prompt_ignore_length`, one entry per row). While a processor sees a subset of rows, those tensors are
+    swapped for the matching entries."""
+
+    def __init__(self, processor, row_ids, batch_size):
+        self.processor, self.row_ids, self.batch_size = processor, row_ids, batch_size
+        self.saved = {}
+
+    def __enter__(self):
+        for name, value in vars(self.processor).items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.batch_size \
+                    and self.batch_size > 1:
+                self.saved[name] = value
+                setattr(self.processor, name, value[self.row_ids.to(value.device)])
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.processor, name, value)
 
 
 def _group_by_prefix_length(prefixes: TreePrefixes):

@@ -51,7 +51,15 @@ class DecodingState:
     logits_processor: list
     do_sample: bool
     vocab_size: int
+    row_ids: torch.Tensor | None = None  # index of each active row in the generate() call's batch
+    batch_size: int | None = None  # rows in the generate() call (after num_return_sequences expansion)
     target_config: object = None
+
+    def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
+        """Per-position prefixes (committed text + `paths`) for applying the logits processors."""
+        from ..processors import TreePrefixes
+
+        return TreePrefixes(self.sequences, self.lengths, paths, depths, self.row_ids, self.batch_size)
 
 
 class Drafter(ABC):

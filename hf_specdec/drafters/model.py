@@ -87,8 +87,7 @@ class ModelDrafter(Drafter):
         ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
         for step in range(steps):
             drafted = torch.stack(tokens, dim=1) if tokens else state.sequences[:, :0]
-            prefixes = TreePrefixes(state.sequences, state.lengths, drafted[:, None, :],
-                                    torch.full((batch_size, 1), step, device=state.lengths.device))
+            prefixes = state.prefixes(drafted[:, None, :], torch.full((batch_size, 1), step, device=state.lengths.device))
             scores = self._process(logits, state, prefixes)
             token, q = _draw(scores, state.do_sample)
             tokens.append(token)
@@ -112,8 +111,7 @@ class ModelDrafter(Drafter):
         buffers = _CandidateBuffers(batch_size, capacity, depth_limit, device)
 
         root_logits = self._catch_up(state)
-        root_prefixes = TreePrefixes(state.sequences, state.lengths, state.sequences[:, None, :0],
-                                     torch.zeros(batch_size, 1, dtype=torch.long, device=device))
+        root_prefixes = state.prefixes(state.sequences[:, None, :0], torch.zeros(batch_size, 1, dtype=torch.long, device=device))
         log_q = _log_probs(self._process(root_logits, state, root_prefixes))
         frontier = buffers.add_children(log_q[:, None], parents=None, top_k=tree.top_k)
         fed = []
@@ -123,8 +121,8 @@ class ModelDrafter(Drafter):
             depths = torch.full_like(node_ids, level - 1)
             outputs = self._forward_tentative(buffers.tokens.gather(1, frontier).to(self.device), node_ids, depths,
                                               buffers.ancestors.to(self.device))
-            prefixes = TreePrefixes(state.sequences, state.lengths, buffers.paths.gather(
-                1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1])), buffers.depth.gather(1, frontier))
+            paths = buffers.paths.gather(1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1]))
+            prefixes = state.prefixes(paths, buffers.depth.gather(1, frontier))
             log_q = _log_probs(self._process(outputs.logits, state, prefixes))
             children = buffers.add_children(log_q, parents=frontier, top_k=tree.top_k)
             frontier = buffers.best(children, tree.top_k)
@@ -155,11 +153,16 @@ class ModelDrafter(Drafter):
 
     # ------------------------------------------------------------------ model calls
     def _forward_committed(self, tokens, valid):
-        return self._timed(self.cache.forward_committed, tokens.to(self.device), valid.to(self.device),
+        return self._timed(self.cache.forward_committed, self._embeddable(tokens), valid.to(self.device),
                            logits_to_keep=1)
 
     def _forward_tentative(self, tokens, node_ids, depths, ancestors):
-        return self._timed(self.cache.forward_tentative, tokens, node_ids, depths, ancestors)
+        return self._timed(self.cache.forward_tentative, self._embeddable(tokens), node_ids, depths, ancestors)
+
+    def _embeddable(self, tokens):
+        """A target token beyond a smaller padded draft vocabulary has no draft embedding; such ids only occur with
+        untrained padding rows, and clamping them only affects draft quality, never the output."""
+        return tokens.to(self.device).clamp(max=self.model.config.get_text_config().vocab_size - 1)
 
     def _timed(self, function, *args, **kwargs):
         _synchronize(self.device)
@@ -283,7 +286,8 @@ def check_shared_vocabulary(target, drafter_model) -> None:
     if target_vocab == draft_vocab:
         return
     smaller, larger = sorted((target_vocab, draft_vocab))
-    if smaller / larger < 0.99:
+    # one tokenizer's checkpoints differ only by embedding-table padding (Qwen2.5: 152064 vs 151936)
+    if larger - smaller > max(256, larger // 100):
         raise ValueError(
             f"The target's vocabulary ({target_vocab} tokens) and the drafter's ({draft_vocab}) are too different to "
             "come from one tokenizer. hf_specdec drafters must share the target's tokenizer; use a drafter from the "

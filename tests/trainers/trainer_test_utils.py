@@ -41,14 +41,47 @@ def fast_args(config_class, tmp_path, **overrides):
 
 def sgd_args(config_class, tmp_path, **overrides):
     """One plain SGD step with lr 1 and no clipping: the parameter update *is* minus the gradient."""
-    return fast_args(
-        config_class,
-        tmp_path,
-        optim="sgd",
-        learning_rate=1.0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        max_steps=1,
-        **overrides,
+    settings = dict(
+        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, max_steps=1
     )
+    return fast_args(config_class, tmp_path, **{**settings, **overrides})
+
+
+def build_sgd_trainer(name: str, tmp_path, batch_size: int, accumulation: int, **overrides):
+    """A trainer for one SGD step (lr 1): DistillTrainer ("distill", TVD) or SoFTTrainer ("soft"), on the same 8 rows
+    with uneven numbers of trained tokens."""
+    from pathlib import Path
+
+    from trainers import DistillConfig, DistillTrainer, SoFTConfig, SoFTTrainer
+    from trainers.tiny import tiny_tokenizer
+
+    tmp_path = Path(tmp_path)
+    tokenizer = tiny_tokenizer()
+    dataset = corpus_dataset(8, seed=7)
+    settings = dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **overrides)
+    if name == "distill":
+        return DistillTrainer(
+            model=tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer),
+            teacher_model=peaked_teacher(tokenizer),
+            args=sgd_args(DistillConfig, tmp_path, divergence="tvd", lmbda=0.0, **settings),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    return SoFTTrainer(
+        model=tiny_llama(num_hidden_layers=3, seed=4, tokenizer=tokenizer),
+        args=sgd_args(SoFTConfig, tmp_path, exits=[1, 2, 3], **settings),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def flat_weights(trainer) -> torch.Tensor:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def run_one_sgd_step(name: str, tmp_path, batch_size: int, accumulation: int, **overrides):
+    """Train `build_sgd_trainer(...)` for its one step; returns the trainer and its flattened parameters after it."""
+    trainer = build_sgd_trainer(name, tmp_path, batch_size, accumulation, **overrides)
+    trainer.train()
+    return trainer, flat_weights(trainer)

@@ -1,0 +1,69 @@
+"""Tiny models built from configs (never downloaded) and left-padded prompt batches."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import hf_specdec  # noqa: F401  (installs the generate() hook)
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny_model(arch="llama", vocab_size=96, num_layers=2, seed=0, hidden_size=32, dtype=torch.float32, **overrides):
+    config_class, model_class = ARCHITECTURES[arch]
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    if arch == "qwen3":
+        settings["head_dim"] = hidden_size // 4
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**settings)).eval().to(dtype)
+    with torch.no_grad():  # peakier outputs than the default init, so greedy text is not one repeated token
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def perturbed_copy(model, noise=0.02, seed=1):
+    """A draft that agrees with `model` often but not always."""
+    draft = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * noise * parameter.std().clamp(min=1e-3))
+    return draft
+
+
+def left_padded_batch(vocab_size, lengths, seed=0, pad_token_id=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(3, vocab_size, (length,), generator=generator)
+        attention_mask[row, width - length:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    target = tiny_model("llama", num_layers=2, seed=0)
+    return target, perturbed_copy(target, noise=0.1)
