@@ -336,7 +336,7 @@ class BaseDrafterTrainer(Trainer):
 
     def loss_scale(self) -> int:
         """Processes to multiply by when `num_items_in_batch` is a global count (see `losses.normalize_token_loss`)."""
-        return 1
+        return self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
 
     # ----- the accumulation window and its token count -----------------------------------------------------------
 
