@@ -3,7 +3,6 @@ micro-batches (GA=1 vs GA=4) or over processes (1 vs 2, DDP with gloo on CPU).""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +25,11 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path, name):
     assert torch.allclose(full, accumulated, atol=1e-6)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_update(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(HERE)]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        # --standalone lets the rendezvous bind a free port itself (no pick-then-bind race with other jobs).
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(HERE / "ddp_worker.py"), str(tmp_path),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
