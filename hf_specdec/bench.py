@@ -1,0 +1,483 @@
+"""Offline benchmark: every decoding method side by side, in one process, on the same prompts.
+
+For each target/draft pair (by default the synthetic pair of `hf_specdec.testing` at several agreement rates) it
+times plain greedy `generate`, transformers' own assisted generation (batch 1), hf_specdec chains, trees and
+n-grams (batch 1) and hf_specdec chains against plain `generate` at larger batch sizes. Each row reports
+throughput, speedup over plain decoding at the same batch size, acceptance rate α, mean accepted length τ,
+whether the output equals plain greedy token for token, loop efficiency and the theoretical speedup
+`(1 − α^(γ+1)) / ((1 − α)(γc + 1))` from the measured α, the draft length γ and the measured cost ratio c.
+
+Performance is measured here, never asserted: run `hf-specdec bench` (see docs/benchmark.md).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from . import testing
+from .drafters import ModelDrafter, NGramDrafter, TreeConfig
+from .stats import SpecStats
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `quick()` gives tiny sizes for smoke tests; the defaults take ~15 minutes on a 2-core CPU."""
+
+    target: str | None = None  # Hub name or local dir; None = the synthetic pair
+    draft: str | None = None
+    agreements: tuple[float, ...] = (0.6, 0.9)  # synthetic pair only
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    num_draft_tokens: int = 6
+    tree: tuple[int, int, int] = (5, 4, 24)  # depth, top_k, max_nodes
+    ngram_size: int = 3
+    max_new_tokens: int = 64
+    num_prompts: int = 8
+    prompt_lengths: tuple[int, int] = (16, 48)  # min, max prompt length
+    repeats: int = 3
+    sampling: bool = False
+    seed: int = 0
+    pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
+
+    @classmethod
+    def quick(cls, **overrides) -> BenchConfig:
+        tiny = dict(
+            batch_sizes=(1, 2, 4), num_draft_tokens=4, tree=(3, 2, 6), max_new_tokens=16, num_prompts=4,
+            prompt_lengths=(4, 12), repeats=1,
+            pair_shape=dict(hidden_size=64, num_layers=4, draft_layers=1, vocab_size=512, intermediate_size=128,
+                            num_heads=4, num_kv_heads=2),
+        )
+        return cls(**{**tiny, **overrides})
+
+    def __post_init__(self):
+        if (self.target is None) != (self.draft is None):
+            raise ValueError("Pass both --target and --draft, or neither (the synthetic pair).")
+        if any(self.num_prompts % size for size in self.batch_sizes):
+            raise ValueError(f"num_prompts={self.num_prompts} must be a multiple of every batch size {self.batch_sizes}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.repeats < 1 or self.max_new_tokens < 2:
+            raise ValueError("Need repeats >= 1 and max_new_tokens >= 2.")
+        TreeConfig(*self.tree)  # fail on bad tree sizes before any model is built
+
+    @property
+    def tree_config(self) -> TreeConfig:
+        depth, top_k, max_nodes = self.tree
+        return TreeConfig(depth=depth, top_k=top_k, max_nodes=max_nodes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardMeter:
+    """Counts and times the top-level forward calls of some models (for methods that report no SpecStats)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]):
+        self.models = models
+        self.calls = dict.fromkeys(models, 0)
+        self.seconds = dict.fromkeys(models, 0.0)
+        self._handles, self._started = [], {}
+
+    def __enter__(self) -> ForwardMeter:
+        for name, model in self.models.items():
+            self._handles.append(model.register_forward_pre_hook(self._start(name)))
+            self._handles.append(model.register_forward_hook(self._stop(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _start(self, name):
+        def hook(module, args):
+            _synchronize(module.device)
+            self._started[name] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name):
+        def hook(module, args, output):
+            _synchronize(module.device)
+            self.calls[name] += 1
+            self.seconds[name] += time.perf_counter() - self._started[name]
+
+        return hook
+
+
+@torch.no_grad()
+def measure_step_costs(target, draft, num_verify_tokens: int, context_length: int = 32, steps: int = 12) -> dict:
+    """Median seconds of one cached decoding step of each model, and of a `num_verify_tokens`-token target forward.
+
+    c = draft step / target step enters the theoretical speedup; `verify_cost_ratio` (a γ+1-token target forward
+    over a one-token one) says how far the formula's "verification costs one step" assumption holds here.
+    """
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    context = torch.randint(testing.FIRST_ORDINARY_TOKEN_ID, vocab, (1, context_length), generator=generator)
+
+    def forward_seconds(model, width: int) -> float:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(context.to(model.device), past_key_values=cache, use_cache=True)
+        tokens = context[:, :width].to(model.device)
+        timings = []
+        for _ in range(steps + 2):  # the first two are warm-up
+            _synchronize(model.device)
+            start = time.perf_counter()
+            model(tokens, past_key_values=cache, use_cache=True)
+            _synchronize(model.device)
+            timings.append(time.perf_counter() - start)
+            cache.crop(-width)
+        return statistics.median(timings[2:])
+
+    target_step, draft_step = forward_seconds(target, 1), forward_seconds(draft, 1)
+    verify = forward_seconds(target, num_verify_tokens)
+    return dict(target_step_seconds=target_step, draft_step_seconds=draft_step, cost_ratio=draft_step / target_step,
+                verify_seconds=verify, verify_cost_ratio=verify / target_step)
+
+
+def theoretical_speedup(acceptance_rate: float, num_draft_tokens: int, cost_ratio: float) -> float:
+    """Leviathan et al. (2023): expected walltime improvement `(1 − α^(γ+1)) / ((1 − α)(γc + 1))`."""
+    alpha, gamma = acceptance_rate, num_draft_tokens
+    tokens_per_round = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens_per_round / (gamma * cost_ratio + 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """One row of the table: how to generate for one batch, and what to compare it with."""
+
+    name: str
+    batch_size: int
+    do_sample: bool
+    generate: Callable[[dict, int], tuple[torch.Tensor, SpecStats | None]]
+    # γ for the theoretical speedup; None where the formula does not apply (trees; n-grams, which draft only
+    # when they find a match, so γ tokens are not drafted every round)
+    num_draft_tokens: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.batch_size, self.do_sample)
+
+
+def build_methods(config: BenchConfig, target, draft) -> list[Method]:
+    gamma = config.num_draft_tokens
+
+    def plain(batch, max_new_tokens, do_sample):
+        return target.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample), None
+
+    def transformers_assisted(batch, max_new_tokens, do_sample):
+        # transformers reads these from the assistant's generation_config, not from generate() kwargs.
+        draft.generation_config.num_assistant_tokens = gamma
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0
+        sequences = target.generate(**batch, assistant_model=draft, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        return sequences, None
+
+    def ours(make_drafter):
+        def run(batch, max_new_tokens, do_sample):
+            out = target.generate(**batch, assistant_model=make_drafter(), max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, return_dict_in_generate=True)
+            return out.sequences, out.spec_stats
+
+        return run
+
+    def with_sampling(function, do_sample):
+        return lambda batch, max_new_tokens: function(batch, max_new_tokens, do_sample)
+
+    chain = ours(lambda: ModelDrafter(draft, num_draft_tokens=gamma))
+    tree = ours(lambda: ModelDrafter(draft, tree=config.tree_config))
+    ngram = ours(lambda: NGramDrafter(max_ngram=config.ngram_size, num_draft_tokens=gamma))
+
+    methods = [
+        Method("plain", 1, False, with_sampling(plain, False)),
+        Method("transformers-assisted", 1, False, with_sampling(transformers_assisted, False), gamma),
+        Method("chain", 1, False, with_sampling(chain, False), gamma),
+        Method("tree", 1, False, with_sampling(tree, False)),
+        Method("ngram", 1, False, with_sampling(ngram, False)),
+    ]
+    for size in config.batch_sizes:
+        if size > 1:
+            methods += [Method("plain", size, False, with_sampling(plain, False)),
+                        Method("chain", size, False, with_sampling(chain, False), gamma)]
+    if config.sampling:
+        methods += [
+            Method("plain", 1, True, with_sampling(plain, True)),
+            Method("transformers-assisted", 1, True, with_sampling(transformers_assisted, True), gamma),
+            Method("chain", 1, True, with_sampling(chain, True), gamma),
+        ]
+    return methods
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """What one timed pass of a method over all prompts produced."""
+
+    wall_seconds: float
+    sequences: list[torch.Tensor]  # one [batch, new_tokens] tensor per batch
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    model_seconds: float = 0.0
+    engine_wall_seconds: float = 0.0
+
+
+def run_method(method: Method, batches: list[dict], max_new_tokens: int, target, draft, seed: int) -> Measurement:
+    models = {"target": target} if draft is None else {"target": target, "draft": draft}
+    sequences, stats = [], []
+    device = target.device
+    with ForwardMeter(models) as meter:
+        _synchronize(device)
+        start = time.perf_counter()
+        for index, batch in enumerate(batches):
+            torch.manual_seed(seed + index)  # sampling runs draw the same random numbers every repeat
+            output, spec_stats = method.generate(batch, max_new_tokens)
+            sequences.append(output[:, batch["input_ids"].shape[1] :].cpu())
+            stats.append(spec_stats)
+        _synchronize(device)
+        wall = time.perf_counter() - start
+    if stats[0] is not None:  # hf_specdec reports its own counts and times
+        return Measurement(
+            wall, sequences,
+            drafted=sum(int(s.drafted.sum()) for s in stats), accepted=sum(int(s.accepted.sum()) for s in stats),
+            rounds=sum(int(s.rounds.sum()) for s in stats), model_seconds=sum(s.model_seconds for s in stats),
+            engine_wall_seconds=sum(s.wall_seconds for s in stats),
+        )
+    new_tokens = sum(s.numel() for s in sequences)
+    rounds = meter.calls["target"] if draft is not None else 0  # assisted: no prefill, one target forward a round
+    drafted = meter.calls.get("draft", 0)  # transformers' assistant runs one forward per drafted token
+    return Measurement(wall, sequences, drafted=drafted, accepted=new_tokens - rounds if rounds else 0,
+                       rounds=rounds, model_seconds=sum(meter.seconds.values()), engine_wall_seconds=wall)
+
+
+def summarize(method: Method, measurements: list[Measurement], reference: Measurement | None,
+              baseline_seconds: float | None, costs: dict) -> dict:
+    first = measurements[0]
+    wall = statistics.median(m.wall_seconds for m in measurements)
+    new_tokens = sum(s.numel() for s in first.sequences)
+    speculative = method.name != "plain"
+    alpha = (first.accepted / first.drafted if first.drafted else 0.0) if speculative else None
+    tau = (first.accepted + first.rounds) / first.rounds if first.rounds else None
+    theory = None
+    if method.num_draft_tokens and alpha is not None:
+        theory = theoretical_speedup(alpha, method.num_draft_tokens, costs["cost_ratio"])
+    equal_rows = total_rows = None
+    if reference is not None and not method.do_sample:
+        pairs = [(a, b) for ours, ref in zip(first.sequences, reference.sequences) for a, b in zip(ours, ref)]
+        equal_rows, total_rows = sum(torch.equal(a, b) for a, b in pairs), len(pairs)
+    return dict(
+        method=method.name, batch_size=method.batch_size, decoding="sample" if method.do_sample else "greedy",
+        new_tokens=new_tokens, wall_seconds=wall, wall_seconds_all=[m.wall_seconds for m in measurements],
+        tokens_per_second=new_tokens / wall, speedup=baseline_seconds / wall if baseline_seconds else None,
+        acceptance_rate=alpha, mean_accepted_length=tau, drafted=first.drafted, accepted=first.accepted,
+        rounds=first.rounds, num_draft_tokens=method.num_draft_tokens,
+        equal_to_plain=None if equal_rows is None else equal_rows == total_rows,
+        equal_rows=equal_rows, total_rows=total_rows,
+        loop_efficiency=first.model_seconds / first.engine_wall_seconds if first.engine_wall_seconds else None,
+        theoretical_speedup=theory,
+    )
+
+
+def bench_pair(config: BenchConfig, target, draft, progress: tqdm) -> tuple[list[dict], dict]:
+    """Warm every method up, then time `repeats` rounds of all methods (interleaved, so background load drifts
+    hit every method alike); summarise each against plain decoding at the same batch size and sampling mode."""
+    methods = build_methods(config, target, draft)
+    low, high = config.prompt_lengths
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    pad = target.generation_config.pad_token_id
+    batches = {size: testing.synthetic_prompts(config.num_prompts, batch_size=size, vocab_size=vocab, min_length=low,
+                                               max_length=high, seed=config.seed, pad_token_id=pad,
+                                               device=target.device)
+               for size in {method.batch_size for method in methods}}
+    costs = measure_step_costs(target, draft, num_verify_tokens=config.num_draft_tokens + 1)
+
+    measurements: dict[tuple, list[Measurement]] = {method.key: [] for method in methods}
+    for method in methods:  # warm-up: allocator, kernels, lazy inits
+        progress.set_postfix_str(f"warm-up {method.name} bs={method.batch_size}")
+        method.generate(batches[method.batch_size][0], min(8, config.max_new_tokens))
+        progress.update()
+    for _ in range(config.repeats):
+        for method in methods:
+            progress.set_postfix_str(f"{method.name} bs={method.batch_size}")
+            uses_draft = method.name == "transformers-assisted"
+            measurements[method.key].append(run_method(method, batches[method.batch_size], config.max_new_tokens,
+                                                       target, draft if uses_draft else None, config.seed))
+            progress.update()
+
+    results = []
+    for method in methods:
+        plain_key = ("plain", method.batch_size, method.do_sample)
+        reference = measurements[plain_key][0]
+        baseline = statistics.median(m.wall_seconds for m in measurements[plain_key])
+        result = summarize(method, measurements[method.key], reference, baseline, costs)
+        plain_bs1 = measurements.get(("plain", 1, method.do_sample))
+        if plain_bs1:
+            result["speedup_vs_plain_batch_1"] = result["tokens_per_second"] / (
+                sum(s.numel() for s in plain_bs1[0].sequences) / statistics.median(m.wall_seconds for m in plain_bs1))
+        results.append(result)
+    return results, costs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_pair(config: BenchConfig):
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[config.dtype]
+    target = AutoModelForCausalLM.from_pretrained(config.target, dtype=dtype).to(config.device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(config.draft, dtype=dtype).to(config.device).eval()
+    for model in (target, draft):  # a throughput benchmark generates to the length limit
+        model.generation_config.eos_token_id = None
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = testing.PAD_TOKEN_ID
+    return target, draft
+
+
+def iterate_pairs(config: BenchConfig):
+    """Yield (description, target, draft): the loaded pair, or one synthetic pair per agreement rate."""
+    if config.target is not None:
+        target, draft = _load_pair(config)
+        yield dict(pair=f"{config.target} + {config.draft}"), target, draft
+        return
+    for agreement in config.agreements:
+        target, draft = testing.build_synthetic_pair(agreement, seed=config.seed, dtype=DTYPES[config.dtype],
+                                                     device=config.device, **config.pair_shape)
+        yield dict(pair="synthetic", agreement=agreement, residual_scale=target.synthetic_pair_info["residual_scale"]), \
+            target, draft
+        del target, draft
+
+
+def _parameter_count(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def machine_description(device: str) -> dict:
+    description = dict(
+        platform=platform.platform(), processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+        python=platform.python_version(), device=device,
+    )
+    import transformers
+
+    description["transformers"] = transformers.__version__
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
+    """Run everything `config` asks for; return a JSON-ready report (see `format_report`)."""
+    started = time.perf_counter()
+    num_pairs = 1 if config.target is not None else len(config.agreements)
+    methods_per_pair = len(build_methods(config, None, None))
+    progress = tqdm(total=num_pairs * methods_per_pair * (config.repeats + 1), desc="bench", unit="run",
+                    disable=not show_progress)
+    pairs = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' assisted generation warns about its own internal kwargs
+    try:
+        for description, target, draft in iterate_pairs(config):
+            progress.set_postfix_str(f"pair {description.get('agreement', description['pair'])}")
+            with torch.no_grad():
+                results, costs = bench_pair(config, target, draft, progress)
+            pairs.append(dict(**description, target_parameters=_parameter_count(target),
+                              draft_parameters=_parameter_count(draft), **costs, results=results))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        progress.close()
+    return dict(config=asdict(config), machine=machine_description(config.device), pairs=pairs,
+                wall_seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+COLUMNS = ("method", "batch", "decoding", "tok/s", "speedup", "α", "τ", "=greedy", "loop eff", "theory")
+
+
+def _format_row(result: dict) -> tuple[str, ...]:
+    def number(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    if result["equal_rows"] is None:
+        equal = "n/a" if result["decoding"] == "sample" else "-"
+    elif result["method"] == "plain":
+        equal = "ref"
+    else:
+        equal = "yes" if result["equal_to_plain"] else f"no {result['equal_rows']}/{result['total_rows']}"
+    speculative = result["method"] != "plain"
+    return (
+        result["method"], str(result["batch_size"]), result["decoding"], number(result["tokens_per_second"], "{:.1f}"),
+        number(result["speedup"], "{:.2f}x"), number(result["acceptance_rate"] if speculative else None, "{:.2f}"),
+        number(result["mean_accepted_length"] if speculative else None, "{:.2f}"), equal,
+        number(result["loop_efficiency"], "{:.2f}"), number(result["theoretical_speedup"], "{:.2f}x"),
+    )
+
+
+def format_table(results: Sequence[dict], markdown: bool = False) -> str:
+    rows = [COLUMNS] + [_format_row(result) for result in results]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    aligned = [
+        "  ".join(cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    return "\n".join(aligned[:1] + ["-" * len(aligned[0])] + aligned[1:])
+
+
+def pair_heading(pair: dict, config: dict) -> str:
+    name = f"synthetic pair, agreement {pair['agreement']}" if pair["pair"] == "synthetic" else pair["pair"]
+    return (
+        f"{name}: target {pair['target_parameters'] / 1e6:.3g}M params, draft {pair['draft_parameters'] / 1e6:.3g}M; "
+        f"target step {pair['target_step_seconds'] * 1e3:.1f} ms, draft step "
+        f"{pair['draft_step_seconds'] * 1e3:.1f} ms, c = {pair['cost_ratio']:.3f}, γ+1-token verify = "
+        f"{pair['verify_cost_ratio']:.2f} target steps; γ = {config['num_draft_tokens']}, tree "
+        f"(depth, top_k, max_nodes) = {tuple(config['tree'])}, {config['num_prompts']} prompts × "
+        f"{config['max_new_tokens']} new tokens, median of {config['repeats']}"
+    )
+
+
+def format_report(report: dict, markdown: bool = False) -> str:
+    blocks = []
+    for pair in report["pairs"]:
+        blocks.append(pair_heading(pair, report["config"]) + "\n\n" + format_table(pair["results"], markdown))
+    blocks.append(f"total wall time {report['wall_seconds']:.0f} s")
+    return "\n\n".join(blocks)
+
