@@ -49,6 +49,7 @@ class BenchConfig:
     repeats: int = 3
     sampling: bool = False
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
     pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
 
     @classmethod
@@ -388,7 +389,7 @@ def machine_description(device: str) -> dict:
     description = dict(
         platform=platform.platform(), processor=platform.processor() or platform.machine(),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-        python=platform.python_version(), device=device,
+        python=platform.python_version(), device=device, load_average_start=_load_average(),
     )
     import transformers
 
@@ -401,6 +402,10 @@ def machine_description(device: str) -> dict:
 def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     """Run everything `config` asks for; return a JSON-ready report (see `format_report`)."""
     started = time.perf_counter()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    machine = machine_description(config.device)
     num_pairs = 1 if config.target is not None else len(config.agreements)
     methods_per_pair = len(build_methods(config, None, None))
     progress = tqdm(total=num_pairs * methods_per_pair * (config.repeats + 1), desc="bench", unit="run",
@@ -417,9 +422,15 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
                               draft_parameters=_parameter_count(draft), **costs, results=results))
     finally:
         hf_logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
         progress.close()
-    return dict(config=asdict(config), machine=machine_description(config.device), pairs=pairs,
-                wall_seconds=time.perf_counter() - started)
+    # Other processes on the machine skew every timing; the load average says how busy it was.
+    machine["load_average_end"] = _load_average()
+    return dict(config=asdict(config), machine=machine, pairs=pairs, wall_seconds=time.perf_counter() - started)
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, help="timed repetitions; the table shows the median [3]")
     bench.add_argument("--sampling", action="store_true", help="add sampling rows (equality not checked there)")
     bench.add_argument("--seed", type=int, help="seed of the synthetic pair and prompts [0]")
+    bench.add_argument("--threads", type=int, help="torch intra-op threads [torch's default: one per core]")
     bench.add_argument("--json", type=Path, help="also write the full report as JSON to this path")
     bench.add_argument("--markdown", action="store_true", help="print Markdown tables")
     bench.add_argument("--quick", action="store_true", help="tiny pair and sizes: a smoke test in seconds")
@@ -59,7 +60,7 @@ def bench_config_from_args(args: argparse.Namespace):
         target=args.target, draft=args.draft, agreements=_flatten(args.agreement), dtype=args.dtype,
         device=args.device, batch_sizes=_flatten(args.batch_sizes), num_draft_tokens=args.num_draft_tokens,
         tree=args.tree, max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, repeats=args.repeats,
-        sampling=args.sampling or None, seed=args.seed,
+        sampling=args.sampling or None, seed=args.seed, threads=args.threads,
     )
     given = {name: value for name, value in given.items() if value is not None}
     return BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
