@@ -139,7 +139,8 @@ class _Run:
         logits = outputs.logits.float()
         processed = apply_processors(self.processors, logits, chunk.prefixes(state))
         verdict = verify(processed, draft, self.do_sample)
-        accepted_chunk = torch.cat([torch.zeros_like(verdict.path[:, :1]), verdict.path + 1], dim=1)
+        root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
+        accepted_chunk = torch.cat([root, verdict.path + 1], dim=1)  # root, then the accepted path (chunk indices)
         self.target.keep(accepted_chunk, verdict.num_accepted + 1)
         self.drafter.accept(state, draft, verdict.path, verdict.num_accepted)
         self.stats.verify_seconds += _clock(self.device) - tock

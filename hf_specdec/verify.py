@@ -49,7 +49,8 @@ def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
     batch_size = processed.shape[0]
     device = processed.device
     children = children_table(draft)
-    chunk_tokens = torch.cat([torch.zeros_like(draft.tokens[:, :1]), draft.tokens], dim=1)
+    root = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the root token is never looked up
+    chunk_tokens = torch.cat([root, draft.tokens], dim=1)
     max_depth = int(draft.depths()[draft.valid].max()) if bool(draft.valid.any()) else 0
     rows = torch.arange(batch_size, device=device)
 
