@@ -19,9 +19,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.data import DraftDataCollator, tokenize_dataset  # noqa: E402
-from trainers.losses import expected_acceptance, shared_vocab, supervised_positions, top1_agreement  # noqa: E402
-from trainers.tiny import tiny_corpus, tiny_llama, tiny_tokenizer  # noqa: E402
+from trainers.data import DraftDataCollator, tokenize_dataset
+from trainers.losses import expected_acceptance, shared_vocab, supervised_positions, top1_agreement
+from trainers.tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 
 @dataclass
@@ -43,12 +43,18 @@ class RecipeArguments:
         default=None, metadata={"help": "Local dataset file (.json/.jsonl/.csv/.parquet) or `save_to_disk` folder."}
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default=None, metadata={"help": "Held-out split; default: `eval_fraction` of train."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Held-out fraction of train when there is no eval split."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Held-out split; default: `eval_fraction` of train."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Held-out fraction of train when there is no eval split."}
+    )
     tiny_train_rows: int = field(default=1024, metadata={"help": "Tiny world: training sentences."})
     tiny_eval_rows: int = field(default=128, metadata={"help": "Tiny world: held-out sentences."})
     tiny_target_layers: int = field(default=4, metadata={"help": "Tiny world: target decoder layers."})
-    tiny_target_steps: int = field(default=300, metadata={"help": "Tiny world: steps that train the target on the data."})
+    tiny_target_steps: int = field(
+        default=300, metadata={"help": "Tiny world: steps that train the target on the data."}
+    )
     tiny_draft_layers: int = field(default=1, metadata={"help": "Tiny world: draft decoder layers."})
 
 
@@ -65,7 +71,9 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None):
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; every key must be a field of {[t.__name__ for t in dataclass_types]}.")
+            raise ValueError(
+                f"{path}: unknown keys {unknown}; every key must be a field of {[t.__name__ for t in dataclass_types]}."
+            )
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the YAML satisfies a required flag
             if action.dest in values:
@@ -179,7 +187,10 @@ def heldout_acceptance(draft_logits_fn, target, dataset, tokenizer, batch_size: 
     totals = {"expected_acceptance": 0.0, "top1_agreement": 0.0}
     count = 0
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()
+        }
         positions = supervised_positions(batch["labels"])
         p = target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][positions]
         q = draft_logits_fn(batch["input_ids"], batch["attention_mask"])[:, :-1][positions]
@@ -210,4 +221,7 @@ def report(output_dir: str, title: str, results: dict[str, dict[str, float]]) ->
 def eval_metrics(trainer) -> dict[str, float]:
     """The trainer's held-out acceptance metrics, computed over all processes."""
     metrics = trainer.evaluate()
-    return {"expected_acceptance": metrics["eval_expected_acceptance"], "top1_agreement": metrics["eval_top1_agreement"]}
+    return {
+        "expected_acceptance": metrics["eval_expected_acceptance"],
+        "top1_agreement": metrics["eval_top1_agreement"],
+    }

@@ -42,7 +42,9 @@ class AdaSPECFlowArguments:
     )
     scale_epochs_by_k: bool = field(
         default=True,
-        metadata={"help": "Stage 3 runs reference_epochs / k epochs (the paper: 3 → 7.5 for k = 0.4); else num_train_epochs."},
+        metadata={
+            "help": "Stage 3 runs reference_epochs / k epochs (the paper: 3 → 7.5 for k = 0.4); else num_train_epochs."
+        },
     )
     reference_model: str | None = field(
         default=None, metadata={"help": "Skip stage 2 and use this already-distilled reference (Hub name or path)."}
@@ -52,20 +54,29 @@ class AdaSPECFlowArguments:
 def main(argv=None):
     recipe, flow, config = parse_args((RecipeArguments, AdaSPECFlowArguments, AdaSPECConfig), argv)
     train, heldout = load_datasets(recipe, config.output_dir)
-    tokenizer, target, draft_init = tiny_models(recipe, config.output_dir, train) if recipe.tiny else load_models(recipe)
+    tokenizer, target, draft_init = (
+        tiny_models(recipe, config.output_dir, train) if recipe.tiny else load_models(recipe)
+    )
     if flow.finetune_target and not recipe.tiny:  # the tiny world's target is already trained on this data
         target = finetune_causal_lm(
-            target, tokenizer, train, f"{config.output_dir}/target", flow.target_finetune_steps,
+            target,
+            tokenizer,
+            train,
+            f"{config.output_dir}/target",
+            flow.target_finetune_steps,
             flow.target_finetune_learning_rate,
         )
-    common = dict(teacher_model=target, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer)
+    common = {"teacher_model": target, "train_dataset": train, "eval_dataset": heldout, "processing_class": tokenizer}
 
     results = {}
     if flow.reference_model:
         reference = flow.reference_model
     else:
         reference_args = dataclasses.replace(
-            config, output_dir=f"{config.output_dir}/reference", divergence="forward_kl", lmbda=0.0,
+            config,
+            output_dir=f"{config.output_dir}/reference",
+            divergence="forward_kl",
+            lmbda=0.0,
             num_train_epochs=flow.reference_epochs,
         )
         reference_trainer = DistillTrainer(model=copy.deepcopy(draft_init), args=reference_args, **common)

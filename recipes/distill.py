@@ -29,7 +29,11 @@ def main(argv=None):
     trainer.save_model()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-    report(config.output_dir, f"DistillTrainer ({config.divergence})", {"draft before": before, "draft after": eval_metrics(trainer)})
+    report(
+        config.output_dir,
+        f"DistillTrainer ({config.divergence})",
+        {"draft before": before, "draft after": eval_metrics(trainer)},
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ distillation; set `num_train_epochs` accordingly — the trainer does not change
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,7 +69,8 @@ class AdaSPECConfig(DistillConfig):
         },
     )
     ref_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is a path (JSON on the CLI)."}
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is a path (JSON on the CLI)."},
     )
     lmbda: float = field(
         default=0.0,
@@ -94,9 +95,12 @@ class AdaSPECTrainer(DistillTrainer):
     drafter; both are frozen and placed like the teacher of `DistillTrainer`."""
 
     config_class = AdaSPECConfig
-    _tag_names = DistillTrainer._tag_names + ["adaspec"]
+    _tag_names = (*DistillTrainer._tag_names, "adaspec")
     _name = "AdaSPEC"
-    _paper = {"title": "AdaSPEC: Selective Knowledge Distillation for Efficient Speculative Decoders", "arxiv": "2510.19779"}
+    _paper: ClassVar[dict[str, str]] = {
+        "title": "AdaSPEC: Selective Knowledge Distillation for Efficient Speculative Decoders",
+        "arxiv": "2510.19779",
+    }
 
     def __init__(self, model, teacher_model=None, ref_model=None, args: AdaSPECConfig | None = None, **kwargs):
         if ref_model is None:

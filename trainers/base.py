@@ -12,7 +12,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class BaseDrafterConfig(TrainingArguments):
     )
     disable_dropout: bool = field(
         default=True,
-        metadata={"help": "Turn off dropout in the student (drafter), so its training and sampling distributions match."},
+        metadata={
+            "help": "Turn off dropout in the student (drafter), so its training and sampling distributions match."
+        },
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -87,7 +89,9 @@ class BaseDrafterConfig(TrainingArguments):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}.")
+            raise ValueError(
+                f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}."
+            )
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -191,9 +195,9 @@ class BaseDrafterTrainer(Trainer):
     loss_is_scaled_for_ga = True
     config_class = BaseDrafterConfig
     requires_teacher = False
-    _tag_names: list[str] = ["hf-specdec", "speculative-decoding", "draft-model"]
+    _tag_names: tuple[str, ...] = ("hf-specdec", "speculative-decoding", "draft-model")
     _name = "Drafter"
-    _paper: dict[str, str] | None = None  # {"title", "arxiv"} for the model card
+    _paper: ClassVar[dict[str, str] | None] = None  # {"title", "arxiv"} for the model card
 
     def __init__(
         self,
@@ -224,7 +228,9 @@ class BaseDrafterTrainer(Trainer):
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         model = load_causal_lm(model, args.model_init_kwargs, "model")
-        teacher = self._load_frozen(teacher_model, args.teacher_model_init_kwargs, "teacher_model", model, processing_class)
+        teacher = self._load_frozen(
+            teacher_model, args.teacher_model_init_kwargs, "teacher_model", model, processing_class
+        )
         if teacher is None and self.requires_teacher:
             raise ValueError(
                 f"{type(self).__name__} distils from a teacher: pass `teacher_model=` (a model or a path to one; "
@@ -260,7 +266,7 @@ class BaseDrafterTrainer(Trainer):
         self.divergence_fn = get_divergence(args.divergence, args.beta)
         self.teacher_model = self.prepare_frozen_model(teacher) if teacher is not None else None
         if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
+            self.model.add_model_tags(list(self._tag_names))
 
     # ----- construction helpers -----------------------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ class BaseDrafterTrainer(Trainer):
         from peft import PeftModel, get_peft_model
 
         if isinstance(model, PeftModel):
-            raise ValueError("The model is already a PeftModel; pass it without `peft_config` to keep training it.")
+            raise TypeError("The model is already a PeftModel; pass it without `peft_config` to keep training it.")
         if args.gradient_checkpointing:
             # Frozen embeddings give checkpointed blocks inputs without grad; LoRA weights inside would get none.
             model.enable_input_require_grads()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import GenerationConfig
@@ -61,7 +61,9 @@ class DistillConfig(BaseDrafterConfig):
     )
     generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Extra `GenerationConfig` fields for on-policy / `seq_kd` generation, e.g. '{\"top_p\": 0.95}'."},
+        metadata={
+            "help": "Extra `GenerationConfig` fields for on-policy / `seq_kd` generation, e.g. '{\"top_p\": 0.95}'."
+        },
     )
     ce_weight: float = field(
         default=0.0,
@@ -95,9 +97,12 @@ class DistillTrainer(BaseDrafterTrainer):
 
     config_class = DistillConfig
     requires_teacher = True
-    _tag_names = BaseDrafterTrainer._tag_names + ["distillation", "distillspec"]
+    _tag_names = (*BaseDrafterTrainer._tag_names, "distillation", "distillspec")
     _name = "DistillSpec"
-    _paper = {"title": "DistillSpec: Improving Speculative Decoding via Knowledge Distillation", "arxiv": "2310.08461"}
+    _paper: ClassVar[dict[str, str]] = {
+        "title": "DistillSpec: Improving Speculative Decoding via Knowledge Distillation",
+        "arxiv": "2310.08461",
+    }
 
     # ----- data: where each micro-batch's completions come from ---------------------------------------------------
 
@@ -134,7 +139,9 @@ class DistillTrainer(BaseDrafterTrainer):
         ids = set()
         if self.processing_class is not None and getattr(self.processing_class, "eos_token_id", None) is not None:
             ids.add(self.processing_class.eos_token_id)
-        eos = getattr(getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), "eos_token_id", None)
+        eos = getattr(
+            getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), "eos_token_id", None
+        )
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return sorted(ids)
 
@@ -167,7 +174,9 @@ class DistillTrainer(BaseDrafterTrainer):
         with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
-            output = unwrapped.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+            output = unwrapped.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+            )
             unwrapped.train(was_training)
         rows = []
         for prompt, completion in zip(prompts, output[:, width:].tolist()):
@@ -188,7 +197,11 @@ class DistillTrainer(BaseDrafterTrainer):
         return self.divergence_fn(student_logits, teacher_logits, self.args.temperature)
 
     def select_tokens(
-        self, inputs: dict[str, Any], positions: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+        self,
+        inputs: dict[str, Any],
+        positions: torch.Tensor,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
     ) -> torch.Tensor | None:
         """Hook: a bool `(N,)` mask of the trained tokens that enter the loss, or None for all of them."""
         return None

@@ -65,9 +65,11 @@ def render_model_card(trainer, model_name: str | None = None, dataset_name: str 
         "",
         f"# {title}",
         "",
-        f"A draft model for speculative decoding, trained with `{type(trainer).__name__}` from hf-specdec "
-        f"({'a LoRA adapter' if is_adapter else 'full weights'}"
-        f"{f', starting from `{base_model}`' if base_model else ''}).",
+        (
+            f"A draft model for speculative decoding, trained with `{type(trainer).__name__}` from hf-specdec "
+            f"({'a PEFT adapter' if is_adapter else 'full weights'}"
+            f"{f', starting from `{base_model}`' if base_model else ''})."
+        ),
         "",
     ]
     if trainer._paper:
@@ -81,8 +83,10 @@ def render_model_card(trainer, model_name: str | None = None, dataset_name: str 
         lines += [f"| {name} | {value:.4f} |" for name, value in results.items()]
         lines += [
             "",
-            "`expected_acceptance` is Σ_x min(p, q) averaged over held-out tokens: the chance that speculative "
-            "sampling at temperature 1 accepts a drafted token. `top1_agreement` is the greedy acceptance rate.",
+            (
+                "`expected_acceptance` is Σ_x min(p, q) averaged over held-out tokens: the chance that speculative "
+                "sampling at temperature 1 accepts a drafted token. `top1_agreement` is the greedy acceptance rate."
+            ),
         ]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM", ""]
     if is_adapter:

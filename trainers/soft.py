@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,8 +39,12 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
     """`(decoder, layers, final_norm, lm_head)` of a causal LM (Llama/Qwen/Mistral-style or GPT-2-style)."""
     base = _base_model(model)
     decoder = base.get_decoder()
-    layers = next((getattr(decoder, n) for n in _LAYER_LIST_NAMES if isinstance(getattr(decoder, n, None), nn.ModuleList)), None)
-    norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None)
+    layers = next(
+        (getattr(decoder, n) for n in _LAYER_LIST_NAMES if isinstance(getattr(decoder, n, None), nn.ModuleList)), None
+    )
+    norm = next(
+        (getattr(decoder, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None
+    )
     if layers is None or norm is None:
         raise ValueError(
             f"Cannot find the decoder layers and final norm of {type(base).__name__}: sorted exits need a decoder "
@@ -95,11 +99,15 @@ def truncate_model(model: nn.Module, num_layers_to_keep: int) -> nn.Module:
     """A new model with the first `num_layers_to_keep` decoder layers of `model`, its embeddings, final norm and LM
     head (copied, so the two can be trained independently). Its logits equal `exit_logits(model, ...)` at that exit."""
     if hasattr(model, "get_base_model"):
-        raise ValueError("truncate_model takes a plain transformers model; merge a PEFT adapter first (merge_and_unload).")
+        raise ValueError(
+            "truncate_model takes a plain transformers model; merge a PEFT adapter first (merge_and_unload)."
+        )
     _, layers, _, _ = decoder_parts(model)
     total = len(layers)
     if not 1 <= num_layers_to_keep <= total:
-        raise ValueError(f"num_layers_to_keep must be in 1..{total} (the model's decoder layers), got {num_layers_to_keep}.")
+        raise ValueError(
+            f"num_layers_to_keep must be in 1..{total} (the model's decoder layers), got {num_layers_to_keep}."
+        )
     layers_prefix = next(name for name, module in model.named_modules() if module is layers)
     config = copy.deepcopy(model.config)
     for key, value in config.to_dict().items():
@@ -131,7 +139,9 @@ class SoFTConfig(BaseDrafterConfig):
 
     exits: list[int] | None = field(
         default=None,
-        metadata={"help": "Exit layers, e.g. 6 9 12 (SD2): exit e = the first e decoder layers + final norm + LM head."},
+        metadata={
+            "help": "Exit layers, e.g. 6 9 12 (SD2): exit e = the first e decoder layers + final norm + LM head."
+        },
     )
     exit_weights: list[float] | None = field(
         default=None, metadata={"help": "Loss weight per exit (normalised to sum to 1); default: the plain mean."}
@@ -147,21 +157,21 @@ class SoFTConfig(BaseDrafterConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.exits:
-            raise ValueError("SoFTConfig needs `exits`, the layer counts of the nested drafters, e.g. exits=[6, 9, 12].")
+            raise ValueError(
+                "SoFTConfig needs `exits`, the layer counts of the nested drafters, e.g. exits=[6, 9, 12]."
+            )
         if sorted(set(self.exits)) != list(self.exits) or self.exits[0] < 1:
             raise ValueError(f"exits must be strictly increasing positive layer counts, got {self.exits}.")
-        if self.exit_weights is not None:
-            if len(self.exit_weights) != len(self.exits) or min(self.exit_weights) < 0 or sum(self.exit_weights) <= 0:
-                raise ValueError(
-                    f"exit_weights needs one non-negative weight per exit ({len(self.exits)}), not all zero; "
-                    f"got {self.exit_weights}."
-                )
-        if self.exit_thresholds is not None:
-            if len(self.exit_thresholds) != len(self.exits) or not all(0 <= t <= 1 for t in self.exit_thresholds):
-                raise ValueError(
-                    f"exit_thresholds needs one probability in [0, 1] per exit ({len(self.exits)}), "
-                    f"got {self.exit_thresholds}."
-                )
+        weights = self.exit_weights
+        if weights is not None and (len(weights) != len(self.exits) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(
+                f"exit_weights needs one non-negative weight per exit ({len(self.exits)}), not all zero; got {weights}."
+            )
+        thresholds = self.exit_thresholds
+        if thresholds is not None and (len(thresholds) != len(self.exits) or not all(0 <= t <= 1 for t in thresholds)):
+            raise ValueError(
+                f"exit_thresholds needs one probability in [0, 1] per exit ({len(self.exits)}), got {thresholds}."
+            )
 
     @property
     def normalized_exit_weights(self) -> list[float]:
@@ -173,9 +183,9 @@ class SoFTTrainer(BaseDrafterTrainer):
     """Sorted fine-tuning of one model's nested exits (see the module docstring); `teacher_model` is optional."""
 
     config_class = SoFTConfig
-    _tag_names = BaseDrafterTrainer._tag_names + ["soft", "sorted-draft"]
+    _tag_names = (*BaseDrafterTrainer._tag_names, "soft", "sorted-draft")
     _name = "SoFT"
-    _paper = {
+    _paper: ClassVar[dict[str, str]] = {
         "title": "Sorted LLaMA: Unlocking the Potential of Intermediate Layers of Large Language Models for "
         "Dynamic Inference",
         "arxiv": "2309.08968",

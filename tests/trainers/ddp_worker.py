@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from transformers import TrainerCallback
-
 from trainer_test_utils import build_sgd_trainer, flat_weights
+from transformers import TrainerCallback
 
 
 class PlacementProbe(TrainerCallback):
@@ -24,7 +23,8 @@ class PlacementProbe(TrainerCallback):
             "world_size": args.world_size,
             "student_is_ddp": isinstance(self.trainer.model_wrapped, DistributedDataParallel),
             "teacher_is_ddp": isinstance(teacher, DistributedDataParallel),
-            "teacher_frozen": teacher is None or (not teacher.training and not any(p.requires_grad for p in teacher.parameters())),
+            "teacher_frozen": teacher is None
+            or (not teacher.training and not any(p.requires_grad for p in teacher.parameters())),
         }
 
 

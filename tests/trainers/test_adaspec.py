@@ -3,13 +3,12 @@ selection independent of gradient accumulation, and bad input is a clear error."
 
 import pytest
 import torch
+from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, sgd_args
 
 from trainers import AdaSPECConfig, AdaSPECTrainer
 from trainers.adaspec import select_top_fraction
 from trainers.losses import IGNORE_INDEX, forward_kl
 from trainers.tiny import tiny_llama
-
-from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, sgd_args
 
 
 def make_trainer(tokenizer, args, train_rows=16, ref_model="default"):
@@ -38,7 +37,9 @@ def test_trainer_selects_the_tokens_with_the_largest_delta_and_trains_only_them(
     ids = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     with torch.no_grad():
-        draft, target, ref = (m(**ids).logits[:, :-1][mask] for m in (trainer.model, trainer.teacher_model, trainer.ref_model))
+        draft, target, ref = (
+            m(**ids).logits[:, :-1][mask] for m in (trainer.model, trainer.teacher_model, trainer.ref_model)
+        )
         draft_kl = forward_kl(draft, target)
         delta = draft_kl - forward_kl(ref, target)
         expected = delta >= torch.quantile(delta, 0.6)
@@ -63,8 +64,13 @@ def test_selected_token_normalisation_divides_by_the_selected_count(tokenizer, t
 def final_weights(tokenizer, tmp_path, batch_size, accumulation, **config):
     trainer = make_trainer(
         tokenizer,
-        sgd_args(AdaSPECConfig, tmp_path, per_device_train_batch_size=batch_size,
-                 gradient_accumulation_steps=accumulation, **config),
+        sgd_args(
+            AdaSPECConfig,
+            tmp_path,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            **config,
+        ),
         train_rows=8,
     )
     trainer.train()
@@ -73,7 +79,7 @@ def final_weights(tokenizer, tmp_path, batch_size, accumulation, **config):
 
 @pytest.mark.parametrize("normalization", ["all_tokens", "selected_tokens"])
 def test_window_threshold_makes_the_update_independent_of_accumulation(tokenizer, tmp_path, normalization):
-    config = dict(k=0.4, threshold_scope="accumulation_window", loss_normalization=normalization)
+    config = {"k": 0.4, "threshold_scope": "accumulation_window", "loss_normalization": normalization}
     whole = final_weights(tokenizer, tmp_path, 8, 1, **config)
     accumulated = final_weights(tokenizer, tmp_path, 2, 4, **config)
     assert torch.allclose(whole, accumulated, atol=1e-6)
@@ -110,7 +116,9 @@ def test_reference_loads_from_a_path_with_init_kwargs(tokenizer, tmp_path):
     ref_dir = tmp_path / "ref"
     tiny_llama(num_hidden_layers=1, seed=3, tokenizer=tokenizer).save_pretrained(ref_dir)
     trainer = make_trainer(
-        tokenizer, fast_args(AdaSPECConfig, tmp_path, ref_model_init_kwargs={"dtype": "float64"}), ref_model=str(ref_dir)
+        tokenizer,
+        fast_args(AdaSPECConfig, tmp_path, ref_model_init_kwargs={"dtype": "float64"}),
+        ref_model=str(ref_dir),
     )
     assert trainer.ref_model.dtype == torch.float64 and not trainer.ref_model.training
     trainer.train()

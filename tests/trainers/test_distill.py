@@ -7,14 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models
+from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainerCallback
 
 from trainers import DistillConfig, DistillTrainer
 from trainers.data import tokenize_row
-from trainers.losses import IGNORE_INDEX, expected_acceptance, forward_kl, shared_vocab, total_variation
+from trainers.losses import IGNORE_INDEX, shared_vocab, total_variation
 from trainers.tiny import tiny_llama
-
-from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 
 
 def make_trainer(tokenizer, tmp_path, train_rows=16, eval_rows=8, student=None, teacher=None, **config):
@@ -66,8 +65,15 @@ def test_every_dataset_format_trains(tokenizer, tmp_path):
         "prompt+completion": rows,
         "text": corpus_dataset(8, columns=("text",)),
         "messages": Dataset.from_list(
-            [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-             for r in rows]
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"]},
+                    ]
+                }
+                for r in rows
+            ]
         ),
         "input_ids": Dataset.from_list([tokenize_row(r, "prompt+completion", tokenizer, 64) for r in rows]),
     }
@@ -157,7 +163,9 @@ def test_on_policy_batches_keep_prompts_and_recount_the_normaliser(tokenizer, tm
     assert generated["data_source"] == "student"
     for row in range(len(original["input_ids"])):
         prompt_length = int((original["labels"][row] == IGNORE_INDEX).long().cumprod(0).sum())
-        assert generated["input_ids"][row, :prompt_length].tolist() == original["input_ids"][row, :prompt_length].tolist()
+        assert (
+            generated["input_ids"][row, :prompt_length].tolist() == original["input_ids"][row, :prompt_length].tolist()
+        )
         assert 1 <= int((generated["labels"][row] != IGNORE_INDEX).sum()) <= 5
     assert num_items == int((generated["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert num_items != int((original["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -183,8 +191,15 @@ def test_on_policy_training_runs_and_logs_its_fraction(tokenizer, tmp_path):
 @pytest.mark.parametrize("divergence", ["tvd", "forward_kl"])
 def test_training_lowers_heldout_divergence_and_raises_expected_acceptance(tokenizer, tmp_path, divergence):
     trainer = make_trainer(
-        tokenizer, tmp_path, train_rows=64, eval_rows=16, divergence=divergence,
-        learning_rate=1e-2, max_steps=30, logging_steps=30, per_device_train_batch_size=8,
+        tokenizer,
+        tmp_path,
+        train_rows=64,
+        eval_rows=16,
+        divergence=divergence,
+        learning_rate=1e-2,
+        max_steps=30,
+        logging_steps=30,
+        per_device_train_batch_size=8,
     )
     before = trainer.evaluate()
     trainer.train()
@@ -243,8 +258,16 @@ def test_lora_drafter_round_trips(tokenizer, tmp_path):
 def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
     def run(directory, max_steps, resume=None):
         trainer = make_trainer(
-            tokenizer, directory, eval_rows=0, lmbda=0.5, max_new_tokens=4, max_steps=max_steps,
-            save_strategy="steps", save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant",
+            tokenizer,
+            directory,
+            eval_rows=0,
+            lmbda=0.5,
+            max_new_tokens=4,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
         )
         trainer.train(resume_from_checkpoint=resume)
         return trainer.model.state_dict()
@@ -293,8 +316,9 @@ def test_config_loads_from_yaml_and_cli(tmp_path):
 def test_every_config_field_has_help():
     from dataclasses import fields
 
-    from trainers import AdaSPECConfig, SoFTConfig
     from transformers import TrainingArguments
+
+    from trainers import AdaSPECConfig, SoFTConfig
 
     inherited = {f.name for f in fields(TrainingArguments)}
     for config_class in (DistillConfig, AdaSPECConfig, SoFTConfig):
@@ -344,7 +368,9 @@ def test_teacher_loads_from_a_path_with_init_kwargs(tokenizer, tmp_path):
     teacher_dir = tmp_path / "teacher"
     peaked_teacher(tokenizer).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    trainer = make_trainer(tokenizer, tmp_path, teacher=str(teacher_dir), teacher_model_init_kwargs={"dtype": "float64"})
+    trainer = make_trainer(
+        tokenizer, tmp_path, teacher=str(teacher_dir), teacher_model_init_kwargs={"dtype": "float64"}
+    )
     assert trainer.teacher_model.dtype == torch.float64
     assert not trainer.teacher_model.training
     assert not any(p.requires_grad for p in trainer.teacher_model.parameters())

@@ -10,8 +10,18 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 TINY = [
-    "--tiny_train_rows", "32", "--tiny_eval_rows", "16", "--tiny_target_steps", "3",
-    "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
+    "--tiny_train_rows",
+    "32",
+    "--tiny_eval_rows",
+    "16",
+    "--tiny_target_steps",
+    "3",
+    "--max_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "8",
 ]
 
 

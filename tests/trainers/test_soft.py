@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from trainers import SoFTConfig, SoFTTrainer, exit_logits, truncate_model
 from trainers.losses import IGNORE_INDEX, forward_kl
 from trainers.tiny import tiny_llama
-
-from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 
 
 def tiny_model(arch):
@@ -19,8 +18,15 @@ def tiny_model(arch):
     if arch == "llama":
         return tiny_llama(num_hidden_layers=4, vocab_size=50)
     if arch == "qwen2":
-        config = Qwen2Config(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64, max_window_layers=2)
+        config = Qwen2Config(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_window_layers=2,
+        )
         return Qwen2ForCausalLM(config)
     return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=4, n_head=4, bos_token_id=1, eos_token_id=2))
 

@@ -23,27 +23,32 @@ def peaked_teacher(tokenizer, seed: int = 1, num_hidden_layers: int = 2, vocab_s
 
 def fast_args(config_class, tmp_path, **overrides):
     """A config for a few CPU steps: no saving, no reporting, deterministic."""
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=0,
-    )
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 0,
+    }
     settings.update(overrides)
     return config_class(**settings)
 
 
 def sgd_args(config_class, tmp_path, **overrides):
     """One plain SGD step with lr 1 and no clipping: the parameter update *is* minus the gradient."""
-    settings = dict(
-        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, max_steps=1
-    )
+    settings = {
+        "optim": "sgd",
+        "learning_rate": 1.0,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "weight_decay": 0.0,
+        "max_steps": 1,
+    }
     return fast_args(config_class, tmp_path, **{**settings, **overrides})
 
 
