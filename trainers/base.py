@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -251,8 +250,8 @@ class BaseDrafterTrainer(Trainer):
             else:
                 eval_dataset = self._tokenize(eval_dataset, processing_class, args)
 
-        self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._metric_counts: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        # Per mode and metric: a float64 tensor [sum, count], kept on the device so logging a metric never syncs.
+        self._metric_totals: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         super().__init__(
             model=model,
             args=args,
@@ -389,22 +388,23 @@ class BaseDrafterTrainer(Trainer):
         """Accumulate per-token (or per-item) values; `log` reports their mean over everything since the last log,
         over all processes."""
         mode = mode or ("train" if self.model.training else "eval")
-        self._metric_sums[mode][name] += float(values.detach().float().sum())
-        self._metric_counts[mode][name] += values.numel()
+        values = values.detach().to(torch.float32 if values.device.type == "mps" else torch.float64)  # no fp64 on MPS
+        total = torch.stack([values.sum(), values.new_tensor(values.numel())])
+        totals = self._metric_totals[mode]
+        totals[name] = totals[name] + total if name in totals else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         eval_loss_key = next((k for k in logs if k.endswith("loss") and k.startswith(("eval", "test"))), None)
         mode, prefix = ("eval", eval_loss_key[: -len("loss")]) if eval_loss_key else ("train", "")
-        sums, counts = self._metric_sums[mode], self._metric_counts[mode]
-        if sums:
-            names = sorted(sums)
-            totals = torch.tensor([[sums[n], counts[n]] for n in names], dtype=torch.float64, device=self.args.device)
+        recorded = self._metric_totals[mode]
+        if recorded:
+            names = sorted(recorded)  # the same order on every process: the reduction pairs them up
+            totals = torch.stack([recorded[name].to(self.args.device) for name in names])
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
             for name, (total, count) in zip(names, totals.tolist()):
                 logs[prefix + name] = total / max(count, 1.0)
-            sums.clear()
-            counts.clear()
+            recorded.clear()
         super().log(logs, start_time)
 
     # ----- saving: model card + tags ------------------------------------------------------------------------------
