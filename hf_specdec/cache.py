@@ -23,9 +23,19 @@ from transformers import DynamicCache
 
 
 class SlotCache:
-    def __init__(self, model, batch_size: int, device: torch.device):
+    """Slot bookkeeping for one model's KV cache, or for one segment of its layers.
+
+    By default the whole `model` runs on token ids. For a model evaluated segment by segment (sorted drafters:
+    several exits, deeper layers filled later), pass `run(inputs, attention_mask, position_ids, cache)` running
+    that segment, `layers` (the indices of the cache layers the segment owns) and a `cache` shared between the
+    segments; each segment then has its own slots, since its layers may hold fewer tokens than the first ones.
+    """
+
+    def __init__(self, model, batch_size: int, device: torch.device, run=None, layers=None, cache=None):
         self.model = model
-        self.cache = DynamicCache()
+        self.run = run if run is not None else self._run_model
+        self.layers = None if layers is None else list(layers)
+        self.cache = cache if cache is not None else DynamicCache()
         self.device = device
         self.dtype = model.dtype
         self.sliding_window = _sliding_window(model.config)
@@ -87,14 +97,16 @@ class SlotCache:
             visible &= (positions[:, :, None] - key_positions[:, None, :]) < self.sliding_window
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask[:, None],
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **model_kwargs,
-        )
+        return self.run(input_ids, mask[:, None], positions, self.cache, **model_kwargs)
+
+    def _run_model(self, input_ids, attention_mask, position_ids, cache, **model_kwargs):
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+                          position_ids=position_ids, past_key_values=cache, use_cache=True, **model_kwargs)
+
+    def _owned_layers(self):
+        layers = self.cache.layers
+        chosen = layers if self.layers is None else [layers[i] for i in self.layers if i < len(layers)]
+        return [layer for layer in chosen if layer.is_initialized]
 
     def _append(self, committed: torch.Tensor, positions: torch.Tensor):
         self.committed = torch.cat([self.committed, committed], dim=1)
@@ -123,10 +135,9 @@ class SlotCache:
 
     def select_rows(self, rows: torch.Tensor):
         """Keep only the given batch rows (finished rows stop costing anything)."""
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys[rows]
-                layer.values = layer.values[rows]
+        for layer in self._owned_layers():
+            layer.keys = layer.keys[rows]
+            layer.values = layer.values[rows]
         self.committed = self.committed[rows]
         self.slot_positions = self.slot_positions[rows]
         self.next_position = self.next_position[rows]
@@ -153,9 +164,7 @@ class SlotCache:
     def _gather_into(self, start: int, source: torch.Tensor, total_width: int | None = None):
         """Write slots `source[b, k]` to slot `start + k` of every layer (in place when possible)."""
         width = source.shape[1]
-        for layer in self.cache.layers:
-            if not layer.is_initialized:
-                continue
+        for layer in self._owned_layers():
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
                 index = source[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
@@ -166,10 +175,9 @@ class SlotCache:
                     setattr(layer, name, gathered)
 
     def _crop(self, length: int):
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys[:, :, :length]
-                layer.values = layer.values[:, :, :length]
+        for layer in self._owned_layers():
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
 
 
 def _lookup(ancestors: torch.Tensor, query_nodes: torch.Tensor, key_nodes: torch.Tensor) -> torch.Tensor:
