@@ -133,6 +133,18 @@ class SlotCache:
         self.slot_nodes = slot_nodes[:, :0]
         self.tentative_start = self.length
 
+    def keep_path(self, path_nodes: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+        """Commit the leading accepted path nodes this cache holds (a node is only fed after its parent, so they
+        form a prefix of the path) and drop the rest of the round. Returns how many were kept per row."""
+        in_path = torch.arange(path_nodes.shape[1], device=self.device) < num_accepted[:, None]
+        if self.slot_nodes.shape[1]:
+            held = (path_nodes[:, :, None] == self.slot_nodes[:, None, :]).any(-1)
+        else:
+            held = torch.zeros_like(in_path)
+        counts = (held & in_path).long().cumprod(-1).sum(-1)
+        self.keep(path_nodes, counts)
+        return counts
+
     def select_rows(self, rows: torch.Tensor):
         """Keep only the given batch rows (finished rows stop costing anything)."""
         for layer in self._owned_layers():

@@ -47,9 +47,13 @@ class ModelDrafter(Drafter):
         prompt_width = state.sequences.shape[1] if state.lengths.numel() == 0 else int(state.lengths.min()) - 1
         # Everything but the root is committed text the drafter has not seen yet; feed the prompt now and the rest
         # (the prefill's token) with the first draft.
-        self._forward_committed(state.sequences[:, :prompt_width], state.token_mask[:, :prompt_width])
-        self.fed = torch.full((batch_size,), prompt_width, dtype=torch.long, device=state.lengths.device)
+        self.fed = torch.zeros(batch_size, dtype=torch.long, device=state.lengths.device)
+        self._prefill(state.sequences[:, :prompt_width], state.token_mask[:, :prompt_width])
+        self.fed += prompt_width
         self.forward_seconds, self.forward_count = 0.0, 0
+
+    def _prefill(self, tokens, valid):
+        self._forward_committed(tokens, valid)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         super().select_rows(rows)
@@ -65,16 +69,29 @@ class ModelDrafter(Drafter):
             return self._propose_tree(state)
         return self._propose_chain(state)
 
-    def _catch_up(self, state: DecodingState) -> torch.Tensor:
-        """Feed the committed tokens the drafter has not seen (at least the root); return the root's logits."""
+    def _pending_committed(self, state: DecodingState):
+        """The committed tokens the drafter has not seen yet (at least the root), right-aligned: [B, W] + mask."""
         pending = state.lengths - self.fed
         width = int(pending.max())
         columns = state.lengths[:, None] - width + torch.arange(width, device=state.lengths.device)
         tokens = state.sequences.gather(1, columns.clamp(min=0))
         valid = torch.arange(width, device=pending.device)[None, :] >= (width - pending)[:, None]
-        outputs = self._forward_committed(tokens, valid)
         self.fed = state.lengths.clone()
-        return outputs.logits[:, -1]
+        return tokens, valid
+
+    def _root_scores(self, state: DecodingState) -> torch.Tensor:
+        """Feed the unseen committed tokens; processed draft scores [B, V] for the root's children."""
+        tokens, valid = self._pending_committed(state)
+        logits = self._forward_committed(tokens, valid).logits[:, -1]
+        batch_size = tokens.shape[0]
+        root = state.prefixes(state.sequences[:, None, :0], torch.zeros(batch_size, 1, dtype=torch.long,
+                                                                       device=state.sequences.device))
+        return self._process(logits[:, None], state, root)[:, 0]
+
+    def _node_scores(self, tokens, node_ids, depths, ancestors, state, prefixes) -> torch.Tensor:
+        """Feed draft nodes [B, F] as tentative tree nodes; processed draft scores [B, F, V] for their children."""
+        logits = self._forward_tentative(tokens, node_ids, depths, ancestors).logits
+        return self._process(logits, state, prefixes)
 
     def _propose_chain(self, state: DecodingState) -> Draft:
         lengths = self.chain_lengths(state)
@@ -82,21 +99,20 @@ class ModelDrafter(Drafter):
         batch_size = state.sequences.shape[0]
         if steps == 0:
             return Draft.empty(batch_size, state.sequences.device)
-        logits = self._catch_up(state)
+        scores = self._root_scores(state)
         tokens, probs = [], []
         ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
         for step in range(steps):
-            drafted = torch.stack(tokens, dim=1) if tokens else state.sequences[:, :0]
-            prefixes = state.prefixes(drafted[:, None, :], torch.full((batch_size, 1), step, device=state.lengths.device))
-            scores = self._process(logits, state, prefixes)
             token, q = _draw(scores, state.do_sample)
             tokens.append(token)
             probs.append(q)
             if step + 1 < steps:  # the last draft token is never fed: the target's bonus follows it
                 step_ids = torch.full((batch_size, 1), step, dtype=torch.long, device=self.device)
-                logits = self._forward_tentative(token[:, None].to(self.device), step_ids, step_ids, ancestors)
-                logits = logits.logits[:, -1]
-        self._fed_nodes = torch.arange(steps - 1, device=self.device).expand(batch_size, -1)
+                drafted = torch.stack(tokens, dim=1)[:, None, :]
+                prefixes = state.prefixes(drafted, torch.full((batch_size, 1), step + 1, device=state.lengths.device))
+                scores = self._node_scores(token[:, None].to(self.device), step_ids, step_ids, ancestors, state,
+                                           prefixes)[:, 0]
+        self._draft_node_ids = torch.arange(steps, device=self.device).expand(batch_size, -1)
         draft_probs = torch.stack(probs, dim=1) if state.do_sample else None
         return Draft.chain(torch.stack(tokens, dim=1), lengths=lengths, probs=draft_probs)
 
@@ -110,46 +126,35 @@ class ModelDrafter(Drafter):
         capacity = tree.top_k + (depth_limit - 1) * tree.top_k * tree.top_k
         buffers = _CandidateBuffers(batch_size, capacity, depth_limit, device)
 
-        root_logits = self._catch_up(state)
-        root_prefixes = state.prefixes(state.sequences[:, None, :0], torch.zeros(batch_size, 1, dtype=torch.long, device=device))
-        log_q = _log_probs(self._process(root_logits, state, root_prefixes))
+        log_q = _log_probs(self._root_scores(state))
         frontier = buffers.add_children(log_q[:, None], parents=None, top_k=tree.top_k)
-        fed = []
         for level in range(1, depth_limit):
-            fed.append(frontier)
             node_ids = frontier.to(self.device)
             depths = torch.full_like(node_ids, level - 1)
-            outputs = self._forward_tentative(buffers.tokens.gather(1, frontier).to(self.device), node_ids, depths,
-                                              buffers.ancestors.to(self.device))
             paths = buffers.paths.gather(1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1]))
             prefixes = state.prefixes(paths, buffers.depth.gather(1, frontier))
-            log_q = _log_probs(self._process(outputs.logits, state, prefixes))
-            children = buffers.add_children(log_q, parents=frontier, top_k=tree.top_k)
+            scores = self._node_scores(buffers.tokens.gather(1, frontier).to(self.device), node_ids, depths,
+                                       buffers.ancestors.to(self.device), state, prefixes)
+            children = buffers.add_children(_log_probs(scores), parents=frontier, top_k=tree.top_k)
             frontier = buffers.best(children, tree.top_k)
         draft, selected = buffers.select(tree.max_nodes)
-        fed_ids = torch.cat(fed, dim=1) if fed else selected[:, :0]
-        is_fed = (selected[:, :, None] == fed_ids[:, None, :]).any(-1)
-        self._fed_nodes = torch.where(is_fed, selected, -1).to(self.device)  # indexed by draft node
-        self._tree_candidates = selected.to(self.device)
+        self._draft_node_ids = selected.to(self.device)  # the cache knows nodes by candidate id
         return draft
 
     def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
         super().accept(state, draft, path, num_accepted)
-        if self.cache is None or self.cache.slot_nodes.shape[1] == 0:
+        if self.cache.slot_nodes.shape[1] == 0:  # nothing was fed this round
             return
-        path = path.to(self.device)
-        num_accepted = num_accepted.to(self.device)
-        if self.tree is None:
-            # chain: node i was fed at tentative node id i, for i < steps - 1
-            counts = num_accepted.clamp(max=self._fed_nodes.shape[1])
-            node_ids = path.clamp(min=0)
-        else:
-            node_ids = self._fed_nodes.gather(1, path.clamp(min=0))
-            in_path = torch.arange(path.shape[1], device=self.device) < num_accepted[:, None]
-            counts = ((node_ids >= 0) & in_path).long().cumprod(-1).sum(-1)
-        self.cache.keep(node_ids, counts)
+        counts = self.cache.keep_path(self._accepted_node_ids(path), num_accepted.to(self.device))
         self.fed = self.fed + counts.to(self.fed.device)
         self.cache.compact()
+
+    def _accepted_node_ids(self, path: torch.Tensor) -> torch.Tensor:
+        """The drafter's own node ids (as fed to its caches) of the accepted path's draft nodes."""
+        path = path.to(self.device)
+        if path.shape[1] == 0:
+            return path
+        return self._draft_node_ids.gather(1, path.clamp(min=0))
 
     # ------------------------------------------------------------------ model calls
     def _forward_committed(self, tokens, valid):
