@@ -7,7 +7,7 @@
 
 from . import integration
 from .draft import Draft
-from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, TreeConfig
+from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 from .engine import SpeculativeGenerateOutput, speculative_generate
 from .stats import SpecStats
 
@@ -21,6 +21,7 @@ __all__ = [
     "Drafter",
     "ModelDrafter",
     "NGramDrafter",
+    "SortedDrafter",
     "SpecStats",
     "SpeculativeGenerateOutput",
     "TreeConfig",

@@ -99,6 +99,7 @@ class _Run:
         finally:
             self.stats.draft_forwards = getattr(self.drafter, "forward_count", 0)
             self.stats.draft_forward_seconds = getattr(self.drafter, "forward_seconds", 0.0)
+            self.stats.exit_counts = dict(getattr(self.drafter, "exit_counts", {}))
             self.drafter.finish()
         self.stats.wall_seconds = time.perf_counter() - start
         self.stats.new_tokens = (self.lengths - self.prompt_length).cpu()

@@ -63,6 +63,15 @@ def left_padded_batch(vocab_size, lengths, seed=0, pad_token_id=0):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run far faster on one thread than fighting over two cores (and timings are never asserted)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def llama_pair():
     target = tiny_model("llama", num_layers=2, seed=0)

@@ -43,7 +43,7 @@ class ModelDrafter(Drafter):
         self.model.eval()
         self.device = self.model.device
         batch_size = state.sequences.shape[0]
-        self.cache = SlotCache(self.model, batch_size, self.device)
+        self.cache = self._new_cache(batch_size)
         prompt_width = state.sequences.shape[1] if state.lengths.numel() == 0 else int(state.lengths.min()) - 1
         # Everything but the root is committed text the drafter has not seen yet; feed the prompt now and the rest
         # (the prefill's token) with the first draft.
@@ -51,6 +51,9 @@ class ModelDrafter(Drafter):
         self._prefill(state.sequences[:, :prompt_width], state.token_mask[:, :prompt_width])
         self.fed += prompt_width
         self.forward_seconds, self.forward_count = 0.0, 0
+
+    def _new_cache(self, batch_size: int) -> SlotCache:
+        return SlotCache(self.model, batch_size, self.device)
 
     def _prefill(self, tokens, valid):
         self._forward_committed(tokens, valid)
