@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, perturbed_copy, tiny_model
-from hf_specdec import ModelDrafter, NGramDrafter, TreeConfig
+from hf_specdec import ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 
 UNEVEN = [7, 3, 9, 5, 1]  # batch of 5 with uneven left padding
 
 
 def drafters(draft, num_draft_tokens):
     return {
+        "sorted-chain": SortedDrafter(draft, exits=[1, 2], thresholds=[0.1], num_draft_tokens=num_draft_tokens),
         "model-chain": ModelDrafter(draft, num_draft_tokens=num_draft_tokens),
         "model-tree": ModelDrafter(draft, tree=TreeConfig(depth=num_draft_tokens, top_k=2, max_nodes=2 * num_draft_tokens)),
         "ngram-chain": NGramDrafter(max_ngram=3, num_draft_tokens=num_draft_tokens),
@@ -26,7 +27,7 @@ def assert_same_as_plain(target, drafter, batch, **kwargs):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-@pytest.mark.parametrize("kind", ["model-chain", "model-tree", "ngram-chain", "ngram-tree"])
+@pytest.mark.parametrize("kind", ["model-chain", "model-tree", "ngram-chain", "ngram-tree", "sorted-chain"])
 @pytest.mark.parametrize("lengths", [[6], UNEVEN], ids=["batch1", "batch5"])
 def test_greedy_equals_plain(arch, kind, lengths):
     target = tiny_model(arch, seed=3)

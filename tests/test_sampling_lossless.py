@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import perturbed_copy, tiny_model
-from hf_specdec import ModelDrafter, NGramDrafter, TreeConfig
+from hf_specdec import ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 
 VOCAB, NEW_TOKENS, SAMPLES = 8, 4, 20_000
 PROMPTS = [[3, 5, 3, 6, 3, 5], [4, 7, 4]]  # repetitive, so n-gram lookup proposes drafts too
@@ -94,6 +94,9 @@ def drafter_for(kind, target):
         "model-tree": lambda: ModelDrafter(draft, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
         "ngram-chain": lambda: NGramDrafter(max_ngram=2, num_draft_tokens=3),
         "ngram-tree": lambda: NGramDrafter(max_ngram=2, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
+        # exits 1 and 2 of the perturbed copy; a threshold near the median max-probability mixes the two
+        "sorted-chain": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], num_draft_tokens=3),
+        "sorted-tree": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], tree=TreeConfig(3, 2, 6)),
     }[kind]()
 
 
@@ -115,7 +118,8 @@ def sample_batch(target, drafter, settings):
 # every processor setting for model drafts (sampled chains, top-k trees); n-gram drafts (one-hot) on a subset
 CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting in SETTINGS] + [
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
-                                                                            "no-repeat-ngram")]
+                                                                            "no-repeat-ngram")] + [
+    (kind, setting) for kind in ("sorted-chain", "sorted-tree") for setting in ("temperature", "top-p")]
 
 
 @pytest.mark.parametrize("kind,setting", CASES)
@@ -125,6 +129,8 @@ def test_sampling_matches_exact_distribution(target, kind, setting):
     generated, stats = sample_batch(target, drafter_for(kind, target), settings)
     if not (kind.startswith("ngram") and setting == "no-repeat-ngram"):  # there every n-gram draft is banned
         assert 0.05 < stats.acceptance_rate < 0.98, "both accept and reject paths must be exercised"
+    if kind.startswith("sorted"):
+        assert all(count > 0 for count in stats.exit_counts.values()), stats.exit_counts  # both exits drafted
     for row, prompt in enumerate(PROMPTS):
         width = max(map(len, PROMPTS))
         processors = captured_processors(target, prompt, width, do_sample=True, **settings)
