@@ -83,6 +83,9 @@ class _Run:
         self.want_logits = bool(config.return_dict_in_generate and config.output_logits)
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
+        # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
+        self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
+        self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
 
     # ------------------------------------------------------------------ the loop
     def generate(self, num_draft_tokens: int | None):
@@ -112,8 +115,10 @@ class _Run:
         rows = self.active
         valid = self.token_mask[rows, : self.prompt_length]
         tick = _clock(self.device)
-        outputs = self.target.forward_committed(self.sequences[rows, : self.prompt_length], valid, logits_to_keep=1)
+        outputs = self.target.forward_committed(self.sequences[rows, : self.prompt_length], valid, logits_to_keep=1,
+                                                **self._hidden_request())
         logits = outputs.logits[:, -1:].float()
+        self._keep_hidden(outputs, torch.full((len(rows),), self.prompt_length - 1, device=self.device))
         prefixes = self._state().prefixes(self.sequences[rows, None, :0],
                                           torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
         processed = apply_processors(self.processors, logits, prefixes)
@@ -135,11 +140,13 @@ class _Run:
 
         chunk = _verify_chunk(state, draft)
         forward_start = _clock(self.device)
-        outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors)
+        outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors,
+                                                **self._hidden_request())
         self.stats.target_forward_seconds += _clock(self.device) - forward_start
         logits = outputs.logits.float()
         processed = apply_processors(self.processors, logits, chunk.prefixes(state))
         verdict = verify(processed, draft, self.do_sample)
+        self._keep_hidden(outputs, verdict.last_position)
         root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
         accepted_chunk = torch.cat([root, verdict.path + 1], dim=1)  # root, then the accepted path (chunk indices)
         self.target.keep(accepted_chunk, verdict.num_accepted + 1)
@@ -162,6 +169,24 @@ class _Run:
         self._retire_finished(ended)
         self.target.compact()
 
+    # ------------------------------------------------------------------ target hidden states for guided drafters
+    def _hidden_request(self) -> dict:
+        return {"output_hidden_states": self.hidden_layers} if self.hidden_layers else {}
+
+    def _keep_hidden(self, outputs, positions: torch.Tensor):
+        """The target's states at each row's last accepted position (whose logits gave the bonus token)."""
+        if not self.hidden_layers:
+            return
+        states = outputs.hidden_states
+        if states is None or any(index >= len(states) or states[index] is None for index in self.hidden_layers):
+            raise ValueError(
+                f"The drafter needs the target's hidden states {self.hidden_layers}, but "
+                f"{type(self.model).__name__} returned {0 if states is None else len(states)} of them; pick layers "
+                "the target has (hidden_states[i] is the input of decoder layer i)."
+            )
+        rows = torch.arange(len(positions), device=positions.device)
+        self.target_hidden = torch.stack([states[index][rows, positions] for index in self.hidden_layers], dim=1)
+
     # ------------------------------------------------------------------ bookkeeping
     def _state(self) -> DecodingState:
         rows = self.active
@@ -177,6 +202,7 @@ class _Run:
             row_ids=rows,
             batch_size=len(self.sequences),
             target_config=self.model.config,
+            target_hidden=self.target_hidden,
         )
 
     def _append(self, tokens, counts, processed, raw_logits):
@@ -242,6 +268,8 @@ class _Run:
             return
         keep = (~finished).nonzero()[:, 0]
         self.active = rows[keep]
+        if self.target_hidden is not None:
+            self.target_hidden = self.target_hidden[keep]
         if len(self.active):
             self.target.select_rows(keep)
             self.drafter.select_rows(keep)

@@ -39,6 +39,7 @@ _original_generate = getattr(GenerationMixin.generate, "__hf_specdec_original__"
 
 @functools.wraps(_original_generate)
 def generate(self, *args, assistant_model=None, streamer=None, custom_generate=None, **kwargs):
+    assistant_model = _as_drafter(assistant_model)
     if isinstance(assistant_model, Drafter):
         kwargs["drafter"] = assistant_model
         custom_generate = speculative_generate
@@ -50,6 +51,16 @@ def generate(self, *args, assistant_model=None, streamer=None, custom_generate=N
 
 
 generate.__hf_specdec_original__ = _original_generate
+
+
+def _as_drafter(assistant_model):
+    """Models that know how to draft for hf_specdec (e.g. `GuidedDrafter`) expose `as_drafter()`; the adapter is
+    kept on the model so `last_stats` and the draft-length schedule persist across calls, like transformers'."""
+    if assistant_model is None or isinstance(assistant_model, Drafter) or not hasattr(assistant_model, "as_drafter"):
+        return assistant_model
+    if getattr(assistant_model, "_hf_specdec_drafter", None) is None:
+        assistant_model._hf_specdec_drafter = assistant_model.as_drafter()
+    return assistant_model._hf_specdec_drafter
 
 
 def _requested_draft_length(model, kwargs) -> int | None:

@@ -54,6 +54,7 @@ class DecodingState:
     row_ids: torch.Tensor | None = None  # index of each active row in the generate() call's batch
     batch_size: int | None = None  # rows in the generate() call (after num_return_sequences expansion)
     target_config: object = None
+    target_hidden: torch.Tensor | None = None  # [B, L, H] target states at `target_hidden_layers`, last accepted position
 
     def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
         """Per-position prefixes (committed text + `paths`) for applying the logits processors."""

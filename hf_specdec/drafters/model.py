@@ -162,10 +162,15 @@ class ModelDrafter(Drafter):
     # ------------------------------------------------------------------ model calls
     def _forward_committed(self, tokens, valid):
         return self._timed(self.cache.forward_committed, self._embeddable(tokens), valid.to(self.device),
-                           logits_to_keep=1)
+                           logits_to_keep=1, **self._model_inputs())
 
     def _forward_tentative(self, tokens, node_ids, depths, ancestors):
-        return self._timed(self.cache.forward_tentative, self._embeddable(tokens), node_ids, depths, ancestors)
+        return self._timed(self.cache.forward_tentative, self._embeddable(tokens), node_ids, depths, ancestors,
+                           **self._model_inputs())
+
+    def _model_inputs(self) -> dict:
+        """Extra keyword arguments for every forward of the draft model (guided drafters add their guide)."""
+        return {}
 
     def _embeddable(self, tokens):
         """A target token beyond a smaller padded draft vocabulary has no draft embedding; such ids only occur with
