@@ -43,9 +43,9 @@ class BenchConfig:
     num_draft_tokens: int = 6
     tree: tuple[int, int, int] = (5, 4, 24)  # depth, top_k, max_nodes
     ngram_size: int = 3
-    max_new_tokens: int = 64
+    max_new_tokens: int = 32
     num_prompts: int = 8
-    prompt_lengths: tuple[int, int] = (16, 48)  # min, max prompt length
+    prompt_lengths: tuple[int, int] = (8, 32)  # min, max prompt length
     repeats: int = 3
     sampling: bool = False
     seed: int = 0
@@ -157,11 +157,34 @@ def measure_step_costs(target, draft, num_verify_tokens: int, context_length: in
                 verify_seconds=verify, verify_cost_ratio=verify / target_step)
 
 
-def theoretical_speedup(acceptance_rate: float, num_draft_tokens: int, cost_ratio: float) -> float:
-    """Leviathan et al. (2023): expected walltime improvement `(1 − α^(γ+1)) / ((1 − α)(γc + 1))`."""
+def expected_tokens_per_round(acceptance_rate: float, num_draft_tokens: int) -> float:
+    """E[τ] = (1 − α^(γ+1)) / (1 − α) for i.i.d. per-token acceptance α (Leviathan et al. 2023)."""
     alpha, gamma = acceptance_rate, num_draft_tokens
-    tokens_per_round = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens_per_round / (gamma * cost_ratio + 1)
+    return gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def theoretical_speedup(acceptance_rate: float, num_draft_tokens: int, cost_ratio: float,
+                        verify_cost: float = 1.0) -> float:
+    """Expected walltime improvement `(1 − α^(γ+1)) / ((1 − α)(γc + 1))` (Leviathan et al. 2023).
+
+    `verify_cost` (a γ+1-token target forward in target steps) replaces the formula's assumption that it is 1.
+    """
+    return expected_tokens_per_round(acceptance_rate, num_draft_tokens) / (num_draft_tokens * cost_ratio + verify_cost)
+
+
+def per_token_acceptance(mean_accepted_length: float, num_draft_tokens: int) -> float:
+    """The per-token α whose E[τ] equals the measured τ.
+
+    The formula's α is the chance that one draft token is accepted given the ones before it were. Accepted/drafted
+    is smaller (tokens drafted after a rejection count as drafted, never as accepted: with α = 0.9 and γ = 6 it is
+    0.70), so plugging it in would understate the theory. E[τ] increases with α, so bisection inverts it.
+    """
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if expected_tokens_per_round(middle, num_draft_tokens) < mean_accepted_length \
+            else (low, middle)
+    return (low + high) / 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,6 +272,8 @@ class Measurement:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
     model_seconds: float = 0.0
     engine_wall_seconds: float = 0.0
 
@@ -271,14 +296,16 @@ def run_method(method: Method, batches: list[dict], max_new_tokens: int, target,
         return Measurement(
             wall, sequences,
             drafted=sum(int(s.drafted.sum()) for s in stats), accepted=sum(int(s.accepted.sum()) for s in stats),
-            rounds=sum(int(s.rounds.sum()) for s in stats), model_seconds=sum(s.model_seconds for s in stats),
+            rounds=sum(int(s.rounds.sum()) for s in stats), target_forwards=sum(s.target_forwards for s in stats),
+            draft_forwards=sum(s.draft_forwards for s in stats), model_seconds=sum(s.model_seconds for s in stats),
             engine_wall_seconds=sum(s.wall_seconds for s in stats),
         )
     new_tokens = sum(s.numel() for s in sequences)
     rounds = meter.calls["target"] if draft is not None else 0  # assisted: no prefill, one target forward a round
     drafted = meter.calls.get("draft", 0)  # transformers' assistant runs one forward per drafted token
     return Measurement(wall, sequences, drafted=drafted, accepted=new_tokens - rounds if rounds else 0,
-                       rounds=rounds, model_seconds=sum(meter.seconds.values()), engine_wall_seconds=wall)
+                       rounds=rounds, target_forwards=meter.calls["target"], draft_forwards=drafted,
+                       model_seconds=sum(meter.seconds.values()), engine_wall_seconds=wall)
 
 
 def summarize(method: Method, measurements: list[Measurement], reference: Measurement | None,
@@ -289,9 +316,12 @@ def summarize(method: Method, measurements: list[Measurement], reference: Measur
     speculative = method.name != "plain"
     alpha = (first.accepted / first.drafted if first.drafted else 0.0) if speculative else None
     tau = (first.accepted + first.rounds) / first.rounds if first.rounds else None
-    theory = None
-    if method.num_draft_tokens and alpha is not None:
-        theory = theoretical_speedup(alpha, method.num_draft_tokens, costs["cost_ratio"])
+    alpha_per_token = theory = theory_with_verify = None
+    if method.num_draft_tokens and tau is not None:
+        gamma = method.num_draft_tokens
+        alpha_per_token = per_token_acceptance(tau, gamma)
+        theory = theoretical_speedup(alpha_per_token, gamma, costs["cost_ratio"])
+        theory_with_verify = theoretical_speedup(alpha_per_token, gamma, costs["cost_ratio"], costs["verify_cost_ratio"])
     equal_rows = total_rows = None
     if reference is not None and not method.do_sample:
         pairs = [(a, b) for ours, ref in zip(first.sequences, reference.sequences) for a, b in zip(ours, ref)]
@@ -300,12 +330,13 @@ def summarize(method: Method, measurements: list[Measurement], reference: Measur
         method=method.name, batch_size=method.batch_size, decoding="sample" if method.do_sample else "greedy",
         new_tokens=new_tokens, wall_seconds=wall, wall_seconds_all=[m.wall_seconds for m in measurements],
         tokens_per_second=new_tokens / wall, speedup=baseline_seconds / wall if baseline_seconds else None,
-        acceptance_rate=alpha, mean_accepted_length=tau, drafted=first.drafted, accepted=first.accepted,
-        rounds=first.rounds, num_draft_tokens=method.num_draft_tokens,
+        acceptance_rate=alpha, per_token_acceptance=alpha_per_token, mean_accepted_length=tau,
+        drafted=first.drafted, accepted=first.accepted, rounds=first.rounds, num_draft_tokens=method.num_draft_tokens,
+        target_forwards=first.target_forwards, draft_forwards=first.draft_forwards,
         equal_to_plain=None if equal_rows is None else equal_rows == total_rows,
         equal_rows=equal_rows, total_rows=total_rows,
         loop_efficiency=first.model_seconds / first.engine_wall_seconds if first.engine_wall_seconds else None,
-        theoretical_speedup=theory,
+        theoretical_speedup=theory, theoretical_speedup_with_verify_cost=theory_with_verify,
     )
 
 
@@ -437,7 +468,8 @@ def _load_average() -> list[float] | None:
 # Report
 # --------------------------------------------------------------------------------------------------------------
 
-COLUMNS = ("method", "batch", "decoding", "tok/s", "speedup", "α", "τ", "=greedy", "loop eff", "theory")
+COLUMNS = ("method", "batch", "decoding", "tok/s", "speedup", "α", "α/tok", "τ", "=greedy", "loop eff", "theory",
+           "w/ verify")
 
 
 def _format_row(result: dict) -> tuple[str, ...]:
@@ -454,8 +486,10 @@ def _format_row(result: dict) -> tuple[str, ...]:
     return (
         result["method"], str(result["batch_size"]), result["decoding"], number(result["tokens_per_second"], "{:.1f}"),
         number(result["speedup"], "{:.2f}x"), number(result["acceptance_rate"] if speculative else None, "{:.2f}"),
+        number(result["per_token_acceptance"], "{:.2f}"),
         number(result["mean_accepted_length"] if speculative else None, "{:.2f}"), equal,
         number(result["loop_efficiency"], "{:.2f}"), number(result["theoretical_speedup"], "{:.2f}x"),
+        number(result["theoretical_speedup_with_verify_cost"], "{:.2f}x"),
     )
 
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", nargs="+", type=_numbers(int), help="batch sizes for the batched rows [1 4 8]")
     bench.add_argument("--num-draft-tokens", type=int, help="γ, tokens drafted per round for chains [6]")
     bench.add_argument("--tree", type=_numbers(int), help="tree drafting: depth,top_k,max_nodes [5,4,24]")
-    bench.add_argument("--max-new-tokens", type=int, help="new tokens per prompt [64]")
+    bench.add_argument("--max-new-tokens", type=int, help="new tokens per prompt [32]")
     bench.add_argument("--num-prompts", type=int, help="prompts (a multiple of every batch size) [8]")
     bench.add_argument("--repeats", type=int, help="timed repetitions; the table shows the median [3]")
     bench.add_argument("--sampling", action="store_true", help="add sampling rows (equality not checked there)")

@@ -7,7 +7,7 @@ import torch
 
 import hf_specdec  # noqa: F401  (installs the generate() hook)
 from hf_specdec import testing
-from hf_specdec.bench import BenchConfig, theoretical_speedup
+from hf_specdec.bench import BenchConfig, expected_tokens_per_round, per_token_acceptance, theoretical_speedup
 from hf_specdec.cli import bench_config_from_args, build_parser, main
 
 TINY_PAIR = dict(hidden_size=64, num_layers=4, draft_layers=1, vocab_size=512, intermediate_size=128, num_heads=4,
@@ -65,6 +65,9 @@ def test_bench_end_to_end_writes_a_complete_json_report(tmp_path, capsys):
             assert row["rounds"] > 0
         has_formula = method in ("chain", "transformers-assisted")
         assert (row["theoretical_speedup"] is not None) == has_formula
+        assert (row["theoretical_speedup_with_verify_cost"] is not None) == has_formula
+        if has_formula:
+            assert 0.0 <= row["per_token_acceptance"] <= 1.0
 
 
 def test_synthetic_pair_hits_the_requested_agreement_and_shares_modules(tmp_path):
@@ -139,6 +142,12 @@ def test_theoretical_speedup_matches_the_closed_form():
     assert theoretical_speedup(0.8, 4, 0.0) == pytest.approx(3.3616)  # E[τ] at zero draft cost
     assert theoretical_speedup(0.8, 8, 0.05) == pytest.approx(3.09, abs=0.01)
     assert theoretical_speedup(1.0, 5, 0.1) == pytest.approx(6 / 1.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 0.99])
+def test_per_token_acceptance_inverts_the_expected_accepted_length(alpha):
+    tau = expected_tokens_per_round(alpha, 6)
+    assert per_token_acceptance(tau, 6) == pytest.approx(alpha, abs=1e-6)
 
 
 def test_cli_parses_lists_and_quick_defaults():
