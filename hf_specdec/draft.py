@@ -82,7 +82,7 @@ def path_tokens(tokens: torch.Tensor, ancestors: torch.Tensor, depths: torch.Ten
 
     Ancestors of a node sit at increasing depths, so ordering a node's ancestors by depth gives its path.
     """
-    batch_size, num_nodes = tokens.shape
+    num_nodes = tokens.shape[1]
     max_depth = int(depths.max()) if num_nodes else 0
     big = torch.iinfo(torch.long).max
     sort_key = torch.where(ancestors, depths[:, None, :].expand(-1, num_nodes, -1), big)

@@ -1,8 +1,8 @@
 """SlotCache: tree forwards equal sequential forwards; keep/compact preserve exactness and bound memory."""
 
 import torch
-
 from conftest import left_padded_batch, tiny_model
+
 from hf_specdec.cache import SlotCache
 from hf_specdec.draft import ancestor_matrix, node_depths
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import left_padded_batch, perturbed_copy, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from conftest import left_padded_batch, perturbed_copy, tiny_model
 from hf_specdec import ModelDrafter, NGramDrafter, SpecStats, TreeConfig
 
 UNEVEN = [7, 3, 9, 5, 1]
@@ -98,7 +98,7 @@ def test_streamer_receives_prompt_then_every_token(pair):
     out = target.generate(**prompt, max_new_tokens=15, do_sample=False, streamer=streamer,
                           assistant_model=ModelDrafter(draft, num_draft_tokens=4))
     assert streamer.ended and streamer.chunks[0] == prompt["input_ids"][0].tolist()
-    assert sum(streamer.chunks[1:], []) == out[0, 6:].tolist()
+    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, 6:].tolist()
     assert len(streamer.chunks) < 1 + 15  # several tokens per chunk: speculation streamed per round
 
 

@@ -10,8 +10,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import perturbed_copy, tiny_model
+
 from hf_specdec import ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 
 VOCAB, NEW_TOKENS, SAMPLES = 8, 4, 20_000

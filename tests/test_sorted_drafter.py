@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import left_padded_batch, perturbed_copy, tiny_model
+
 from hf_specdec import ModelDrafter, SortedDrafter, TreeConfig
 
 UNEVEN = [7, 3, 9, 5, 1]

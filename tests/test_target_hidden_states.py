@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import left_padded_batch, perturbed_copy, tiny_model
+
 from hf_specdec import ModelDrafter, TreeConfig
 
 

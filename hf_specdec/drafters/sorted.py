@@ -14,13 +14,15 @@ per segment), and rejected tokens' pending states are simply dropped.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ..cache import SlotCache
 from ..draft import Draft
 from .base import DecodingState, TreeConfig
-from .model import ModelDrafter, _draw  # noqa: F401  (re-exported helpers stay in model.py)
+from .model import ModelDrafter
 
 
 class SortedDrafter(ModelDrafter):
@@ -100,7 +102,7 @@ class SortedDrafter(ModelDrafter):
         self.segments = [
             SlotCache(self.model, batch_size, self.device, run=self._segment_runner(start, end),
                       layers=range(start, end), cache=shared)
-            for start, end in zip(bounds[:-1], bounds[1:])
+            for start, end in pairwise(bounds)
         ]
         hidden_size = self.model.config.get_text_config().hidden_size
         self.pending = [None] + [_Pending(batch_size, hidden_size, self.device, self.model.dtype)
@@ -323,7 +325,7 @@ def _validate_exits(exits, num_layers: int) -> list[int]:
     exits = [int(e) for e in (exits or [])]
     if not exits:
         raise ValueError("SortedDrafter needs at least one exit, e.g. exits=[6, 9, 12].")
-    if any(b <= a for a, b in zip(exits, exits[1:])) or exits[0] < 1 or exits[-1] > num_layers:
+    if any(b <= a for a, b in pairwise(exits)) or exits[0] < 1 or exits[-1] > num_layers:
         raise ValueError(
             f"exits must be strictly increasing layer counts between 1 and the model's {num_layers} layers; "
             f"got {exits}."
