@@ -1,0 +1,237 @@
+"""GuidedDrafterTrainer (SD²): staleness positions, the guide the drafter is steered by, train modes, saving, the
+update's independence from accumulation and processes, and configuration errors.
+
+Run as a script under torchrun (`test_two_processes_give_the_single_process_update` does that), it trains one SGD
+step on two processes and writes the result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_test_utils import corpus_dataset, fast_args, flat_weights, peaked_teacher, sgd_args
+
+from hf_specdec.guided import GuidedDrafter
+from trainers import GuidedDrafterConfig, GuidedDrafterTrainer
+from trainers.guided import guide_source_positions
+from trainers.tiny import tiny_llama, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+VERIFIER_LAYERS = [1, 2]
+
+
+def build_trainer(tmp_path, args_factory=fast_args, rows=8, **overrides):
+    tokenizer = tiny_tokenizer()
+    settings = {"verifier_layers": VERIFIER_LAYERS, "draft_length": 4, **overrides}
+    return GuidedDrafterTrainer(
+        model=tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer),
+        teacher_model=peaked_teacher(tokenizer),
+        args=args_factory(GuidedDrafterConfig, Path(tmp_path), **settings),
+        train_dataset=corpus_dataset(rows, seed=7),
+        processing_class=tokenizer,
+    )
+
+
+def one_sgd_step(tmp_path, batch_size, accumulation, **overrides):
+    trainer = build_trainer(
+        tmp_path,
+        sgd_args,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        **overrides,
+    )
+    trainer.train()
+    return trainer, flat_weights(trainer)
+
+
+# ----- which target position steers which drafter position -------------------------------------------------------
+
+
+def test_offset_staleness_reads_the_state_o_positions_back():
+    assert guide_source_positions(8, 4, "offset", 3).tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert guide_source_positions(5, 4, "offset", 1).tolist() == [0, 0, 1, 2, 3]
+
+
+def test_blocked_staleness_reads_the_state_just_before_each_block():
+    # blocks of 4 starting at the phase: positions 1-4 read 0, 5-8 read 4, 9 reads 8
+    assert guide_source_positions(10, 4, "blocked", 0).tolist() == [0, 0, 0, 0, 0, 4, 4, 4, 4, 8]
+    assert guide_source_positions(9, 4, "blocked", 2).tolist() == [0, 0, 0, 2, 2, 2, 2, 6, 6]
+    offsets = torch.arange(1, 40) - guide_source_positions(40, 5, "blocked", 3)[1:]
+    assert offsets.min() >= 1 and offsets[5:].max() == 5  # every drafted position sees a state 1..5 old
+
+
+@pytest.mark.parametrize("staleness", ["offset", "blocked"])
+def test_the_drafter_is_steered_by_the_target_states_at_the_source_positions(tmp_path, staleness):
+    trainer = build_trainer(tmp_path, staleness=staleness)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, batch)
+    handle.remove()
+    draw = trainer.staleness_draw()  # the same draw: it depends on (seed, step) only
+    source = guide_source_positions(batch["input_ids"].shape[1], 4, staleness, draw)
+    with torch.no_grad():
+        hidden = trainer.teacher_model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True
+        ).hidden_states
+    expected = torch.stack([hidden[i] for i in VERIFIER_LAYERS], dim=-2)[:, source]
+    assert torch.equal(seen["guide_states"], expected)
+    labels = batch["labels"]
+    assert torch.equal(seen["guide_mask"][:, :-1], labels[:, 1:] != -100)  # steered iff its prediction is trained
+    assert not seen["guide_mask"][:, -1].any()
+
+
+# ----- training modes and saving -----------------------------------------------------------------------------------
+
+
+def test_full_training_moves_guide_and_drafter_and_saves_a_guided_drafter(tmp_path):
+    trainer = build_trainer(tmp_path, max_steps=3, learning_rate=1e-2)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    drafter_before = model.drafter.model.layers[0].mlp.up_proj.weight.clone()
+    trainer.train()
+    assert model.guide.projection.weight.abs().sum() > 0  # zero-initialised, now trained
+    assert not torch.equal(model.drafter.model.layers[0].mlp.up_proj.weight, drafter_before)
+    logged = [entry for entry in trainer.state.log_history if "expected_acceptance" in entry]
+    assert logged and 0 <= logged[-1]["expected_acceptance"] <= 1 and 1 <= logged[-1]["guide_staleness"] <= 4
+    trainer.save_model()
+    out = Path(trainer.args.output_dir)
+    loaded = GuidedDrafter.from_pretrained(out)
+    assert loaded.config.draft_length == 4 and loaded.config.verifier_layers == VERIFIER_LAYERS
+    assert "SD2" in (out / "README.md").read_text() or "2511.09844" in (out / "README.md").read_text()
+    ids, states = torch.tensor([[1, 5, 6, 7]]), torch.randn(1, 2, 32)
+    torch.testing.assert_close(loaded(ids, guide_states=states).logits, model(ids, guide_states=states).logits)
+
+
+def test_frozen_drafter_trains_only_the_guide(tmp_path):
+    trainer = build_trainer(tmp_path, train_drafter="frozen", max_steps=2, learning_rate=1e-2)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    drafter_before = [p.clone() for p in model.drafter.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(drafter_before, model.drafter.parameters()))
+    assert model.guide.projection.weight.abs().sum() > 0
+
+
+def test_lora_trains_adapters_and_saves_a_merged_guided_drafter(tmp_path):
+    trainer = build_trainer(tmp_path, train_drafter="lora", lora_r=4, max_steps=2, learning_rate=1e-2)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert isinstance(model, GuidedDrafter)
+    up = model.drafter.model.layers[0].mlp.up_proj
+    base_before = up.base_layer.weight.clone()
+    trainer.train()
+    assert torch.equal(up.base_layer.weight, base_before) and up.lora_B["default"].weight.abs().sum() > 0
+    assert model.guide.projection.weight.abs().sum() > 0
+    trainer.save_model()
+    loaded = GuidedDrafter.from_pretrained(trainer.args.output_dir)
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    ids, states = torch.tensor([[1, 5, 6, 7, 9]]), torch.randn(1, 2, 32)
+    torch.testing.assert_close(
+        loaded(ids, guide_states=states).logits, model(ids, guide_states=states).logits, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_a_guided_drafter_can_be_passed_and_its_layers_are_kept(tmp_path):
+    tokenizer = tiny_tokenizer()
+    teacher = peaked_teacher(tokenizer)
+    guided = GuidedDrafter.from_drafter(
+        tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer),
+        teacher.config,
+        verifier_layers=[0, 2],
+        guide_method="simple",
+    )
+    trainer = GuidedDrafterTrainer(
+        model=guided,
+        teacher_model=teacher,
+        args=fast_args(GuidedDrafterConfig, tmp_path),
+        train_dataset=corpus_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.accelerator.unwrap_model(trainer.model).config.verifier_layers == [0, 2]
+
+
+# ----- normalisation --------------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
+    _, full = one_sgd_step(tmp_path / "full", batch_size=8, accumulation=1)
+    _, accumulated = one_sgd_step(tmp_path / "ga", batch_size=2, accumulation=4)
+    _, start = one_sgd_step(tmp_path / "zero", batch_size=8, accumulation=1, learning_rate=0.0)
+    assert (full - start).abs().max() > 1e-3
+    assert torch.allclose(full, accumulated, atol=1e-6)
+
+
+def test_two_processes_give_the_single_process_update(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts == {"world_size": 2, "teacher_frozen": True, "teacher_is_ddp": False}
+    _, single = one_sgd_step(tmp_path / "single", batch_size=8, accumulation=1)
+    assert torch.allclose(torch.load(tmp_path / "guided.pt"), single, atol=1e-6)
+
+
+# ----- errors ---------------------------------------------------------------------------------------------------
+
+
+def test_configuration_errors(tmp_path):
+    for bad in (
+        {"train_drafter": "half"},
+        {"staleness": "fresh"},
+        {"draft_length": 0},
+        {"drafter_layers": "x,y"},
+        {"guide_method": "elmnt_wise"},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fast_args(GuidedDrafterConfig, tmp_path, **bad)
+    assert fast_args(GuidedDrafterConfig, tmp_path, drafter_layers="0, 2").drafter_layers == [0, 2]
+    with pytest.raises(ValueError, match="set `verifier_layers`"):
+        build_trainer(tmp_path, verifier_layers=None)
+    with pytest.raises(ValueError, match="hidden_states indices 0..2"):
+        build_trainer(tmp_path, verifier_layers=[1, 5])
+    from peft import LoraConfig
+
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="train_drafter"):
+        GuidedDrafterTrainer(
+            model=tiny_llama(num_hidden_layers=1, tokenizer=tokenizer),
+            teacher_model=peaked_teacher(tokenizer),
+            args=fast_args(GuidedDrafterConfig, tmp_path, verifier_layers=[1]),
+            train_dataset=corpus_dataset(8),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(),
+        )
+
+
+if __name__ == "__main__":  # one SGD step on 2 processes (launched by torchrun from the test above)
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    trainer = one_sgd_step(out / "ddp", batch_size=2, accumulation=2, ddp_backend="gloo", use_cpu=True)[0]
+    if torch.distributed.get_rank() == 0:
+        teacher = trainer.teacher_model
+        torch.save(flat_weights(trainer), out / "guided.pt")
+        facts = {
+            "world_size": trainer.args.world_size,
+            "teacher_frozen": not teacher.training and not any(p.requires_grad for p in teacher.parameters()),
+            "teacher_is_ddp": isinstance(teacher, DistributedDataParallel),
+        }
+        (out / "facts.json").write_text(json.dumps(facts))
