@@ -46,8 +46,10 @@ class SyntheticDataArguments:
     )
     chat_template: bool = field(
         default=True,
-        metadata={"help": "Apply the tokenizer's chat template when it has one (the tiny world's target is trained "
-                  "on plain text, so --tiny turns it off)."},
+        metadata={
+            "help": "Apply the tokenizer's chat template when it has one (the tiny world's target is trained "
+            "on plain text, so --tiny turns it off)."
+        },
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Answer only the first N prompts."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Prompts keep their last N tokens."})
@@ -122,8 +124,10 @@ def answered_prompts(log_path: Path) -> set[int]:
 
 
 def make_drafter(draft, num_draft_tokens: int):
-    return hf_specdec.ModelDrafter(draft, num_draft_tokens=num_draft_tokens) if draft is not None else (
-        hf_specdec.NGramDrafter(num_draft_tokens=num_draft_tokens)
+    return (
+        hf_specdec.ModelDrafter(draft, num_draft_tokens=num_draft_tokens)
+        if draft is not None
+        else (hf_specdec.NGramDrafter(num_draft_tokens=num_draft_tokens))
     )
 
 
@@ -181,7 +185,11 @@ def generate_synthetic_dataset(
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / LOG_NAME
     done = answered_prompts(log_path)
-    todo = [(i, encode_prompt(tokenizer, p, data.max_prompt_tokens, data.chat_template)) for i, p in enumerate(prompts) if i not in done]
+    todo = [
+        (i, encode_prompt(tokenizer, p, data.max_prompt_tokens, data.chat_template))
+        for i, p in enumerate(prompts)
+        if i not in done
+    ]
     # Similar lengths together: less padding per batch.
     todo.sort(key=lambda item: len(item[1]))
     drafter = make_drafter(draft, data.num_draft_tokens)
@@ -200,8 +208,10 @@ def generate_synthetic_dataset(
                 drafted += int(stats.drafted.sum())
                 bar.set_postfix(acceptance=f"{accepted / max(drafted, 1):.2f}")
             bar.update(len(batch))
-    rows = sorted((json.loads(line) for line in log_path.read_text().splitlines() if line.strip()),
-                  key=lambda row: row["prompt_index"])
+    rows = sorted(
+        (json.loads(line) for line in log_path.read_text().splitlines() if line.strip()),
+        key=lambda row: row["prompt_index"],
+    )
     dataset = DatasetDict({"train": Dataset.from_list(rows)})
     dataset.save_to_disk(str(output_dir / DATASET_NAME))
     return dataset
