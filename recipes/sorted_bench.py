@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hf_specdec  # noqa: E402,F401
-from hf_specdec import SortedDrafter, TreeConfig  # noqa: E402
+import hf_specdec  # noqa: F401
+from hf_specdec import SortedDrafter, TreeConfig
 
 
 def parse_args(argv=None):
