@@ -188,6 +188,65 @@ def test_two_processes_give_the_single_process_update(tmp_path):
     assert torch.allclose(torch.load(tmp_path / "guided.pt"), single, atol=1e-6)
 
 
+# ----- recipes ------------------------------------------------------------------------------------------------
+
+RECIPES = HERE.parents[1] / "recipes"
+TINY_WORLD = ["--tiny_train_rows", "24", "--tiny_eval_rows", "8", "--tiny_target_steps", "3"]
+
+
+def test_synthetic_dataset_is_written_with_datasets_and_resumes(tmp_path):
+    sys.path.insert(0, str(RECIPES))
+    from datasets import load_from_disk
+    from make_synthetic_dataset import main
+
+    argv = ["--tiny", "true", "--output_dir", str(tmp_path), *TINY_WORLD, "--max_new_tokens", "6", "--batch_size", "4"]
+    main([*argv, "--num_prompts", "6"])
+    main([*argv, "--num_prompts", "10"])  # resumes: answers only prompts 6..9
+    rows = load_from_disk(str(tmp_path / "dataset"))["train"]
+    assert rows["prompt_index"] == list(range(10))
+    for row in rows:
+        prompt_length = row["prompt_length"]
+        assert row["loss_mask"] == [0] * prompt_length + [1] * (len(row["input_ids"]) - prompt_length)
+        assert row["labels"][prompt_length:] == row["input_ids"][prompt_length:]
+        assert set(row["labels"][:prompt_length]) == {-100}
+
+
+def test_guided_recipe_runs_offline_and_benchmarks_three_drafters(tmp_path):
+    sys.path.insert(0, str(RECIPES))
+    from guided import main
+
+    main(
+        [
+            "--config",
+            str(RECIPES / "configs" / "guided.yaml"),
+            "--output_dir",
+            str(tmp_path),
+            *TINY_WORLD,
+            "--draft_pretrain_steps",
+            "2",
+            "--num_train_prompts",
+            "16",
+            "--num_eval_prompts",
+            "4",
+            "--bench_prompts",
+            "4",
+            "--synthetic_new_tokens",
+            "8",
+            "--bench_new_tokens",
+            "8",
+            "--bench_seeds",
+            "1",
+            "--max_steps",
+            "2",
+        ]
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3
+    for row in results.values():
+        assert 1.0 <= row["greedy_tau"] <= 5.0 and 0.0 <= row["sampling_alpha"] <= 1.0
+        assert 0.0 <= row["heldout_expected_acceptance"] <= 1.0
+
+
 # ----- errors ---------------------------------------------------------------------------------------------------
 
 
