@@ -3,12 +3,15 @@
     import hf_specdec
     from hf_specdec import ModelDrafter
     out = target.generate(**batch, assistant_model=ModelDrafter(draft), max_new_tokens=128)
+
+Drafters: ModelDrafter (chains, EAGLE-2 trees), NGramDrafter, SortedDrafter (SD2 exits), GuidedDrafter (SD² steering).
 """
 
 from . import integration
 from .draft import Draft
 from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 from .engine import SpeculativeGenerateOutput, speculative_generate
+from .guided import GuidedDrafter, GuidedDrafterConfig  # also registers the Auto classes
 from .stats import SpecStats
 
 __version__ = "0.1.0"
@@ -19,6 +22,8 @@ __all__ = [
     "DecodingState",
     "Draft",
     "Drafter",
+    "GuidedDrafter",
+    "GuidedDrafterConfig",
     "ModelDrafter",
     "NGramDrafter",
     "SortedDrafter",

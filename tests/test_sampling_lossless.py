@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
 
-from hf_specdec import ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
+from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 
 VOCAB, NEW_TOKENS, SAMPLES = 8, 4, 20_000
 PROMPTS = [[3, 5, 3, 6, 3, 5], [4, 7, 4]]  # repetitive, so n-gram lookup proposes drafts too
@@ -87,6 +87,15 @@ SETTINGS = {
 }
 
 
+def guided(target, draft):
+    """A guided drafter steered by the target's layers 1 and 2, with a non-zero (random) guide projection."""
+    model = GuidedDrafter.from_drafter(draft, target_config=target.config, verifier_layers=[1, 2])
+    with torch.no_grad():
+        model.guide.projection.weight.copy_(torch.randn(model.guide.projection.weight.shape,
+                                                        generator=torch.Generator().manual_seed(3)))
+    return model.eval()
+
+
 def drafter_for(kind, target):
     draft = perturbed_copy(target, noise=0.4, seed=2)
     return {
@@ -97,6 +106,8 @@ def drafter_for(kind, target):
         # exits 1 and 2 of the perturbed copy; a threshold near the median max-probability mixes the two
         "sorted-chain": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], num_draft_tokens=3),
         "sorted-tree": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], tree=TreeConfig(3, 2, 6)),
+        "guided-chain": lambda: guided(target, draft).as_drafter(num_draft_tokens=3),
+        "guided-tree": lambda: guided(target, draft).as_drafter(tree=TreeConfig(3, 2, 6)),
     }[kind]()
 
 
@@ -119,7 +130,8 @@ def sample_batch(target, drafter, settings):
 CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting in SETTINGS] + [
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
                                                                             "no-repeat-ngram")] + [
-    (kind, setting) for kind in ("sorted-chain", "sorted-tree") for setting in ("temperature", "top-p")]
+    (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree")
+    for setting in ("temperature", "top-p")]
 
 
 @pytest.mark.parametrize("kind,setting", CASES)
