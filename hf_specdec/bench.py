@@ -199,14 +199,18 @@ class Method:
     name: str
     batch_size: int
     do_sample: bool
-    generate: Callable[[dict, int], tuple[torch.Tensor, SpecStats | None]]
+    generate: Callable[[dict, int, bool], tuple[torch.Tensor, SpecStats | None]]  # (batch, max_new_tokens, do_sample)
     # γ for the theoretical speedup; None where the formula does not apply (trees; n-grams, which draft only
     # when they find a match, so γ tokens are not drafted every round)
     num_draft_tokens: int | None = None
+    meter_draft: bool = False  # no SpecStats: count the draft model's forwards with hooks
 
     @property
     def key(self) -> tuple:
         return (self.name, self.batch_size, self.do_sample)
+
+    def run(self, batch: dict, max_new_tokens: int) -> tuple[torch.Tensor, SpecStats | None]:
+        return self.generate(batch, max_new_tokens, self.do_sample)
 
 
 def build_methods(config: BenchConfig, target, draft) -> list[Method]:
@@ -231,30 +235,22 @@ def build_methods(config: BenchConfig, target, draft) -> list[Method]:
 
         return run
 
-    def with_sampling(function, do_sample):
-        return lambda batch, max_new_tokens: function(batch, max_new_tokens, do_sample)
-
     chain = ours(lambda: ModelDrafter(draft, num_draft_tokens=gamma))
     tree = ours(lambda: ModelDrafter(draft, tree=config.tree_config))
     ngram = ours(lambda: NGramDrafter(max_ngram=config.ngram_size, num_draft_tokens=gamma))
 
-    methods = [
-        Method("plain", 1, False, with_sampling(plain, False)),
-        Method("transformers-assisted", 1, False, with_sampling(transformers_assisted, False), gamma),
-        Method("chain", 1, False, with_sampling(chain, False), gamma),
-        Method("tree", 1, False, with_sampling(tree, False)),
-        Method("ngram", 1, False, with_sampling(ngram, False)),
-    ]
-    for size in config.batch_sizes:
-        if size > 1:
-            methods += [Method("plain", size, False, with_sampling(plain, False)),
-                        Method("chain", size, False, with_sampling(chain, False), gamma)]
-    if config.sampling:
+    methods = []
+    for do_sample in (False, True) if config.sampling else (False,):
         methods += [
-            Method("plain", 1, True, with_sampling(plain, True)),
-            Method("transformers-assisted", 1, True, with_sampling(transformers_assisted, True), gamma),
-            Method("chain", 1, True, with_sampling(chain, True), gamma),
+            Method("plain", 1, do_sample, plain),
+            Method("transformers-assisted", 1, do_sample, transformers_assisted, gamma, meter_draft=True),
+            Method("chain", 1, do_sample, chain, gamma),
         ]
+        if not do_sample:  # sampling rows compare the two chain implementations only
+            methods += [Method("tree", 1, do_sample, tree), Method("ngram", 1, do_sample, ngram)]
+            for size in config.batch_sizes:
+                if size > 1:
+                    methods += [Method("plain", size, do_sample, plain), Method("chain", size, do_sample, chain, gamma)]
     return methods
 
 
@@ -287,7 +283,7 @@ def run_method(method: Method, batches: list[dict], max_new_tokens: int, target,
         start = time.perf_counter()
         for index, batch in enumerate(batches):
             torch.manual_seed(seed + index)  # sampling runs draw the same random numbers every repeat
-            output, spec_stats = method.generate(batch, max_new_tokens)
+            output, spec_stats = method.run(batch, max_new_tokens)
             sequences.append(output[:, batch["input_ids"].shape[1] :].cpu())
             stats.append(spec_stats)
         _synchronize(device)
@@ -314,7 +310,7 @@ def summarize(method: Method, measurements: list[Measurement], reference: Measur
     wall = statistics.median(m.wall_seconds for m in measurements)
     new_tokens = sum(s.numel() for s in first.sequences)
     speculative = method.name != "plain"
-    alpha = (first.accepted / first.drafted if first.drafted else 0.0) if speculative else None
+    alpha = first.accepted / first.drafted if speculative and first.drafted else None  # n-grams may draft nothing
     tau = (first.accepted + first.rounds) / first.rounds if first.rounds else None
     alpha_per_token = theory = theory_with_verify = None
     if method.num_draft_tokens and tau is not None:
@@ -356,14 +352,13 @@ def bench_pair(config: BenchConfig, target, draft, progress: tqdm) -> tuple[list
     measurements: dict[tuple, list[Measurement]] = {method.key: [] for method in methods}
     for method in methods:  # warm-up: allocator, kernels, lazy inits
         progress.set_postfix_str(f"warm-up {method.name} bs={method.batch_size}")
-        method.generate(batches[method.batch_size][0], min(8, config.max_new_tokens))
+        method.run(batches[method.batch_size][0], min(8, config.max_new_tokens))
         progress.update()
     for _ in range(config.repeats):
         for method in methods:
             progress.set_postfix_str(f"{method.name} bs={method.batch_size}")
-            uses_draft = method.name == "transformers-assisted"
             measurements[method.key].append(run_method(method, batches[method.batch_size], config.max_new_tokens,
-                                                       target, draft if uses_draft else None, config.seed))
+                                                       target, draft if method.meter_draft else None, config.seed))
             progress.update()
 
     results = []
@@ -372,12 +367,16 @@ def bench_pair(config: BenchConfig, target, draft, progress: tqdm) -> tuple[list
         reference = measurements[plain_key][0]
         baseline = statistics.median(m.wall_seconds for m in measurements[plain_key])
         result = summarize(method, measurements[method.key], reference, baseline, costs)
-        plain_bs1 = measurements.get(("plain", 1, method.do_sample))
-        if plain_bs1:
-            result["speedup_vs_plain_batch_1"] = result["tokens_per_second"] / (
-                sum(s.numel() for s in plain_bs1[0].sequences) / statistics.median(m.wall_seconds for m in plain_bs1))
+        plain_batch_1 = measurements.get(("plain", 1, method.do_sample))
+        if plain_batch_1:
+            result["speedup_vs_plain_batch_1"] = result["tokens_per_second"] / _tokens_per_second(plain_batch_1)
         results.append(result)
     return results, costs
+
+
+def _tokens_per_second(measurements: list[Measurement]) -> float:
+    new_tokens = sum(sequences.numel() for sequences in measurements[0].sequences)
+    return new_tokens / statistics.median(m.wall_seconds for m in measurements)
 
 
 # --------------------------------------------------------------------------------------------------------------

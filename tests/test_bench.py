@@ -61,7 +61,8 @@ def test_bench_end_to_end_writes_a_complete_json_report(tmp_path, capsys):
         if method == "plain":
             assert row["acceptance_rate"] is None and row["speedup"] == pytest.approx(1.0)
         else:
-            assert 0.0 <= row["acceptance_rate"] <= 1.0 and row["mean_accepted_length"] >= 1.0
+            assert row["acceptance_rate"] is None or 0.0 <= row["acceptance_rate"] <= 1.0
+            assert row["mean_accepted_length"] >= 1.0
             assert row["rounds"] > 0
         has_formula = method in ("chain", "transformers-assisted")
         assert (row["theoretical_speedup"] is not None) == has_formula
