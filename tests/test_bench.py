@@ -167,3 +167,16 @@ def test_bench_config_rejects_inconsistent_requests():
         BenchConfig(target="some/model")
     with pytest.raises(ValueError, match="max_nodes"):
         BenchConfig(tree=(2, 2, 50))
+
+
+def test_bench_loads_a_local_target_and_draft_with_from_pretrained(tmp_path):
+    testing.tiny_causal_lm("llama", vocab_size=256, num_layers=3, seed=0).save_pretrained(tmp_path / "target")
+    testing.tiny_causal_lm("qwen2", vocab_size=256, num_layers=1, seed=1).save_pretrained(tmp_path / "draft")
+    report_path = tmp_path / "report.json"
+    assert main(["bench", "--quick", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+                 "--batch-sizes", "1", "--num-prompts", "2", "--max-new-tokens", "6", "--no-progress",
+                 "--json", str(report_path)]) == 0
+    (pair,) = json.loads(report_path.read_text())["pairs"]
+    assert pair["pair"].endswith("draft") and "agreement" not in pair
+    assert all(row["equal_to_plain"] for row in pair["results"])  # EOS is off: every row runs to the limit
+    assert {row["new_tokens"] for row in pair["results"]} == {12}
