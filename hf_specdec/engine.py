@@ -157,6 +157,7 @@ class _Run:
         rows = self.active.cpu()
         self.stats.drafted[rows] += draft.valid.sum(-1).cpu()
         self.stats.accepted[rows] += verdict.num_accepted.cpu()
+        self.stats.rejected[rows] += verdict.rejected.long().cpu()
         self.stats.rounds[rows] += 1
 
         new_tokens = torch.cat([draft.tokens.gather(1, verdict.path.clamp(min=0)), verdict.next_token[:, None]], 1)

@@ -14,6 +14,7 @@ class SpecStats:
     `drafted[b]`  draft tokens proposed to the target for row b (tree nodes count one each).
     `accepted[b]` draft tokens the verifier accepted for row b (the bonus token is not counted).
     `rounds[b]`   verification forwards row b took part in.
+    `rejected[b]` rounds of row b that ended on a refused draft token (the others ran out of draft).
     Times are wall-clock seconds, measured with the device synchronised. `draft_seconds` / `verify_seconds` are
     the two phases of the rounds (Python included); `target_forward_seconds` / `draft_forward_seconds` only the
     model forwards, so `loop_efficiency = model forwards / wall time` (1.0 = zero loop overhead).
@@ -22,6 +23,7 @@ class SpecStats:
     drafted: torch.Tensor
     accepted: torch.Tensor
     rounds: torch.Tensor
+    rejected: torch.Tensor | None = None
     target_forwards: int = 0  # prefill + verification forwards of the target
     draft_forwards: int = 0  # forwards of the drafter's model (0 for n-gram drafting)
     prefill_seconds: float = 0.0
@@ -36,13 +38,20 @@ class SpecStats:
     @classmethod
     def empty(cls, batch_size: int) -> SpecStats:
         zeros = torch.zeros(batch_size, dtype=torch.long)
-        return cls(drafted=zeros.clone(), accepted=zeros.clone(), rounds=zeros.clone())
+        return cls(drafted=zeros.clone(), accepted=zeros.clone(), rounds=zeros.clone(), rejected=zeros.clone())
 
     @property
     def acceptance_rate(self) -> float:
         """Accepted / drafted over the whole batch (α for chains)."""
         drafted = int(self.drafted.sum())
         return int(self.accepted.sum()) / drafted if drafted else 0.0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """Probability that a draft token reaching verification is accepted: accepted / (accepted + refused). This
+        is the α of the i.i.d. speed-up formula (accepted / drafted also counts tokens drafted past a refusal)."""
+        decided = int(self.accepted.sum()) + int(self.rejected.sum())
+        return int(self.accepted.sum()) / decided if decided else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -70,10 +79,12 @@ class SpecStats:
     def summary(self) -> dict:
         return {
             "acceptance_rate": self.acceptance_rate,
+            "per_token_acceptance": self.per_token_acceptance,
             "mean_accepted_length": self.mean_accepted_length,
             "drafted": self.drafted.tolist(),
             "accepted": self.accepted.tolist(),
             "rounds": self.rounds.tolist(),
+            "rejected": self.rejected.tolist(),
             "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards,
             "loop_efficiency": self.loop_efficiency,

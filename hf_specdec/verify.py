@@ -27,6 +27,7 @@ class Verdict:
     num_accepted: torch.Tensor  # [B]
     next_token: torch.Tensor  # [B] the bonus (or correction) token drawn from the target
     last_position: torch.Tensor  # [B] verify-chunk index (0 = root) whose distribution produced next_token
+    rejected: torch.Tensor  # [B] bool: the walk stopped at a node that had draft children (one was refused)
 
 
 def children_table(draft: Draft) -> torch.Tensor:
@@ -71,7 +72,7 @@ def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
             path[:, depth] = torch.where(found, child - 1, -1)
             num_accepted += found.long()
             alive = found
-        return Verdict(path, num_accepted, choice[rows, current], current)
+        return Verdict(path, num_accepted, choice[rows, current], current, children[rows, current, 0] >= 0)
 
     probs = processed.softmax(-1)
     target_p = probs[:, 0]
@@ -107,7 +108,7 @@ def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
         if not bool(alive.any()):
             break
     next_token = torch.multinomial(target_p, 1)[:, 0]
-    return Verdict(path, num_accepted, next_token, current)
+    return Verdict(path, num_accepted, next_token, current, children[rows, current, 0] >= 0)
 
 
 def _residual(p: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:

@@ -44,6 +44,11 @@ def test_stats_add_up(pair):
     assert torch.equal(stats.new_tokens, 1 + stats.accepted + stats.rounds)
     assert bool((stats.accepted <= stats.drafted).all()) and bool((stats.drafted <= 3 * stats.rounds).all())
     assert stats.target_forwards == 1 + int(stats.rounds.max())
+    # a chain round refuses at most one token; tokens after a refusal are drafted but never decided
+    assert bool((stats.accepted + stats.rejected <= stats.drafted).all()) and bool((stats.rejected <= stats.rounds).all())
+    assert stats.per_token_acceptance == pytest.approx(
+        stats.accepted.sum().item() / (stats.accepted.sum() + stats.rejected.sum()).item())
+    assert stats.per_token_acceptance >= stats.acceptance_rate
     assert stats.mean_accepted_length == pytest.approx((stats.accepted.sum() + stats.rounds.sum()).item()
                                                        / stats.rounds.sum().item())
     assert 0 < stats.loop_efficiency <= 1.0
