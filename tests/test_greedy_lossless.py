@@ -136,3 +136,21 @@ def test_long_generation_keeps_cache_bounded(llama_pair):
     drafter = ModelDrafter(draft, num_draft_tokens=5)
     out = assert_same_as_plain(target, drafter, batch, max_new_tokens=120)
     assert out.spec_stats.rounds.max() < 120
+
+
+@pytest.mark.parametrize("arch,window", [("mistral", dict(sliding_window=8)),
+                                         ("qwen2", dict(sliding_window=8, use_sliding_window=True,
+                                                        max_window_layers=0))])
+def test_sliding_window_attention_past_the_window(arch, window):
+    target = tiny_model(arch, num_layers=2, seed=3, **window)
+    batch = left_padded_batch(96, [12, 5, 9], seed=1)
+    for drafter in (ModelDrafter(perturbed_copy(target, 0.1), num_draft_tokens=4),
+                    ModelDrafter(perturbed_copy(target, 0.1), tree=TreeConfig(3, 2, 6))):
+        assert_same_as_plain(target, drafter, batch, max_new_tokens=30)  # 30 + prompt >> window of 8
+
+
+def test_mixed_sliding_and_full_layers_are_refused():
+    target = tiny_model("qwen2", num_layers=2, seed=3, sliding_window=8, use_sliding_window=True, max_window_layers=1)
+    assert len(set(target.config.layer_types)) == 2
+    with pytest.raises(ValueError, match="mixes sliding-window and full-attention"):
+        target.generate(**left_padded_batch(96, [5]), max_new_tokens=4, assistant_model=NGramDrafter())
