@@ -58,6 +58,9 @@ class _Run:
     """State of one generate() call. Rows are indexed in the original batch; `active` lists the unfinished ones."""
 
     def __init__(self, model, input_ids, logits_processor, stopping_criteria, config, drafter, streamer, mask):
+        if streamer is not None and input_ids.shape[0] > 1:
+            raise ValueError("Streaming speculative decoding supports batch size 1 (rows advance by different "
+                             "numbers of tokens each round); drop the streamer or generate one prompt at a time.")
         self.model, self.config, self.drafter, self.streamer = model, config, drafter, streamer
         self.processors = list(logits_processor or [])
         self.extra_criteria = [c for c in (stopping_criteria or [])
@@ -117,6 +120,7 @@ class _Run:
         tick = _clock(self.device)
         outputs = self.target.forward_committed(self.sequences[rows, : self.prompt_length], valid, logits_to_keep=1,
                                                 **self._hidden_request())
+        self.stats.target_forward_seconds += _clock(self.device) - tick
         logits = outputs.logits[:, -1:].float()
         self._keep_hidden(outputs, torch.full((len(rows),), self.prompt_length - 1, device=self.device))
         prefixes = self._state().prefixes(self.sequences[rows, None, :0],
@@ -127,9 +131,9 @@ class _Run:
         else:
             token = processed[:, 0].argmax(-1, keepdim=True)
         self.stats.prefill_seconds = _clock(self.device) - tick
-        self.stats.target_forward_seconds += self.stats.prefill_seconds
         self.stats.target_forwards += 1
-        return self._append(token, torch.ones(len(rows), dtype=torch.long, device=self.device), processed, logits)
+        sources = (processed, logits, torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
+        return self._append(token, torch.ones(len(rows), dtype=torch.long, device=self.device), sources)
 
     def _round(self):
         state = self._state()
@@ -163,11 +167,8 @@ class _Run:
         new_tokens = torch.cat([draft.tokens.gather(1, verdict.path.clamp(min=0)), verdict.next_token[:, None]], 1)
         new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
         # the distribution behind each emitted token sits at its parent's chunk position
-        source_positions = accepted_chunk[:, : new_tokens.shape[1]]
-        ended = self._append(new_tokens, verdict.num_accepted + 1,
-                             processed.gather(1, source_positions[:, :, None].expand(-1, -1, processed.shape[-1])),
-                             logits.gather(1, source_positions[:, :, None].expand(-1, -1, logits.shape[-1])))
-        self._retire_finished(ended)
+        sources = (processed, logits, accepted_chunk[:, : new_tokens.shape[1]])
+        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources))
         self.target.compact()
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
@@ -206,8 +207,9 @@ class _Run:
             target_hidden=self.target_hidden,
         )
 
-    def _append(self, tokens, counts, processed, raw_logits):
-        """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion."""
+    def _append(self, tokens, counts, sources):
+        """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion.
+        `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits."""
         rows = self.active
         lengths = self.lengths[rows]
         counts = torch.minimum(counts, self.max_length - lengths)
@@ -222,7 +224,7 @@ class _Run:
             ended = torch.zeros_like(counts, dtype=torch.bool)
         source_rows, offsets = (steps[None, :] < counts[:, None]).nonzero(as_tuple=True)
         self.sequences[rows[source_rows], lengths[source_rows] + offsets] = tokens[source_rows, offsets]
-        self._record_scores(rows, lengths, counts, processed, raw_logits)
+        self._record_scores(rows, lengths, counts, *sources)
         self.lengths[rows] = lengths + counts
         if self.extra_criteria:
             ended |= self._apply_stopping_criteria(rows, lengths, counts)
@@ -244,12 +246,14 @@ class _Run:
                     break
         return stopped
 
-    def _record_scores(self, rows, lengths, counts, processed, raw_logits):
+    def _record_scores(self, rows, lengths, counts, processed, raw_logits, positions):
         """Keep, per generated position, the (processed) target scores that produced each token, like generate()."""
         stores = ([(self.scores, processed)] if self.want_scores else []) + \
                  ([(self.raw_logits, raw_logits)] if self.want_logits else [])
         if not stores or not counts.numel():
             return
+        stores = [(store, values.gather(1, positions[:, :, None].expand(-1, -1, values.shape[-1])))
+                  for store, values in stores]
         generated = lengths - self.prompt_length
         needed = int((generated + counts).max())
         for store, values in stores:

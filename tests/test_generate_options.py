@@ -107,6 +107,13 @@ def test_streamer_receives_prompt_then_every_token(pair):
     assert len(streamer.chunks) < 1 + 15  # several tokens per chunk: speculation streamed per round
 
 
+def test_streamer_with_a_batch_is_refused(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(**left_padded_batch(96, [5, 3]), max_new_tokens=4, streamer=RecordingStreamer(),
+                        assistant_model=ModelDrafter(draft))
+
+
 def test_num_return_sequences_expands_the_batch_with_sampling(pair):
     target, draft = pair
     prompt = left_padded_batch(target.config.vocab_size, [5, 3], seed=6)
