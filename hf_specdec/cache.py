@@ -85,6 +85,48 @@ class SlotCache:
         self.slot_nodes = torch.cat([self.slot_nodes, node_ids], dim=1)
         return outputs
 
+    def forward_tentative_rows(self, rows, input_ids, node_ids, depths, ancestors, **model_kwargs):
+        """`forward_tentative` computed for `rows` only; every other row gets hole slots and zero outputs.
+
+        For segments of a sorted drafter, where often only a few rows need the deeper layers: the model runs on a
+        cache view holding just those rows, and the new key/value slots are written back into the full cache.
+        """
+        if len(rows) == len(self.next_position):
+            return self.forward_tentative(input_ids, node_ids, depths, ancestors, **model_kwargs)
+        start = self.length
+        view = self._row_view(rows)
+        output = view.forward_tentative(input_ids[rows], node_ids[rows], depths[rows], ancestors[rows],
+                                        **model_kwargs)
+        owned = self.layers if self.layers is not None else range(len(self.cache.layers))
+        for index in owned:
+            full, part = self.cache.layers[index], view.cache.layers[index]
+            for name in ("keys", "values"):
+                old, new = getattr(full, name), getattr(part, name)[:, :, start:]
+                grown = torch.cat([old, old.new_zeros(old.shape[0], old.shape[1], new.shape[2], old.shape[3])], 2)
+                grown[rows, :, start:] = new
+                setattr(full, name, grown)
+        holes = torch.full_like(node_ids, -1)
+        holes[rows] = node_ids[rows]
+        positions = torch.zeros_like(node_ids)
+        positions[rows] = view.slot_positions[:, start:]
+        self._append(torch.zeros_like(node_ids, dtype=torch.bool), positions)
+        self.slot_nodes = torch.cat([self.slot_nodes, holes], dim=1)
+        result = output.new_zeros(len(node_ids), *output.shape[1:])
+        result[rows] = output
+        return result
+
+    def _row_view(self, rows) -> SlotCache:
+        """A SlotCache over the given rows only (copies of their KV), for a forward that skips the other rows."""
+        owned = set(self.layers if self.layers is not None else range(len(self.cache.layers)))
+        data = [(layer.keys[rows], layer.values[rows]) if index in owned and layer.is_initialized else (None, None)
+                for index, layer in enumerate(self.cache.layers)]
+        view = SlotCache(self.model, len(rows), self.device, run=self.run, layers=self.layers,
+                         cache=DynamicCache(ddp_cache_data=data))
+        view.committed, view.slot_positions = self.committed[rows], self.slot_positions[rows]
+        view.next_position, view.slot_nodes = self.next_position[rows], self.slot_nodes[rows]
+        view.tentative_start = self.tentative_start
+        return view
+
     def _forward(self, input_ids, positions, prefix_visible, new_visible, **model_kwargs):
         query_count = input_ids.shape[1]
         if prefix_visible.dim() == 2:

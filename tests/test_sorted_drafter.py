@@ -79,10 +79,11 @@ def test_zero_threshold_drafts_like_the_truncated_model(target, sorted_model, ex
         torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-5)
 
 
-def test_deferred_kv_every_drafted_distribution_matches_a_fresh_truncated_forward(target, sorted_model):
+@pytest.mark.parametrize("deep_rows", ["needing", "all"])
+def test_deferred_kv_every_drafted_distribution_matches_a_fresh_truncated_forward(target, sorted_model, deep_rows):
     """Mixed exits (some tokens shallow, later ones deep): each q equals the exit model's own distribution."""
     batch = left_padded_batch(96, UNEVEN, seed=3)
-    drafter = SortedDrafter(sorted_model, exits=EXITS, thresholds=MIXED, num_draft_tokens=5)
+    drafter = SortedDrafter(sorted_model, exits=EXITS, thresholds=MIXED, num_draft_tokens=5, deep_rows=deep_rows)
     drafts = recorded_drafts(drafter)
     levels = []
     original_accept = drafter.accept
@@ -117,12 +118,14 @@ def test_deferred_kv_every_drafted_distribution_matches_a_fresh_truncated_forwar
     assert out.spec_stats.exit_counts == drafter.exit_counts
 
 
+@pytest.mark.parametrize("deep_rows", ["needing", "all"])
 @pytest.mark.parametrize("tree", [None, TreeConfig(3, 2, 6)], ids=["chain", "tree"])
 @pytest.mark.parametrize("lengths", [[6], UNEVEN], ids=["batch1", "batch5"])
-def test_greedy_equals_plain_with_mixed_exits(target, sorted_model, tree, lengths):
+def test_greedy_equals_plain_with_mixed_exits(target, sorted_model, tree, lengths, deep_rows):
     batch = left_padded_batch(96, lengths, seed=5)
     plain = target.generate(**batch, max_new_tokens=20, do_sample=False)
-    drafter = SortedDrafter(sorted_model, exits=EXITS, thresholds=MIXED, tree=tree, num_draft_tokens=4)
+    drafter = SortedDrafter(sorted_model, exits=EXITS, thresholds=MIXED, tree=tree, num_draft_tokens=4,
+                            deep_rows=deep_rows)
     out = run(target, drafter, batch, do_sample=False)
     assert torch.equal(out.sequences, plain)
     stats = out.spec_stats
@@ -169,6 +172,8 @@ def test_clear_errors(sorted_model):
         SortedDrafter(sorted_model, exits=[2, 4, 6], thresholds=[0.5])
     with pytest.raises(ValueError, match="thresholds"):
         SortedDrafter(sorted_model, exits=[2, 4], thresholds=[1.5])
+    with pytest.raises(ValueError, match="deep_rows"):
+        SortedDrafter(sorted_model, exits=[2, 4], deep_rows="some")
     other = tiny_model("llama", vocab_size=600, num_layers=4)
     target = tiny_model("llama", num_layers=2)
     with pytest.raises(ValueError, match="share the target's tokenizer"):

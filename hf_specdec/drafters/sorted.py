@@ -35,14 +35,20 @@ class SortedDrafter(ModelDrafter):
             and ignored, as SoFT checkpoints record one per exit). Default 0.5.
         num_draft_tokens, schedule, tree: as for `ModelDrafter`; with a tree the gate is applied per level over
             the whole frontier (the most confident node of the level decides), as in the SD2 paper.
+        deep_rows: "needing" runs a deeper segment only for the rows whose token goes that deep (a smaller batch);
+            "all" runs it for the whole batch with the other rows' queries masked out (one fixed-shape forward,
+            no KV copies). See README for the measured trade-off.
     """
 
     def __init__(self, model, exits, thresholds=None, num_draft_tokens: int = 5, schedule: str = "constant",
-                 tree: TreeConfig | None = None):
+                 tree: TreeConfig | None = None, deep_rows: str = "needing"):
         super().__init__(model, num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)
         self.parts = _DecoderParts(model)
         self.exits = _validate_exits(exits, len(self.parts.layers))
         self.thresholds = _validate_thresholds(thresholds, self.exits)
+        if deep_rows not in ("needing", "all"):
+            raise ValueError(f"deep_rows must be 'needing' or 'all', got {deep_rows!r}.")
+        self.deep_rows = deep_rows
         self.exit_counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------ checkpoints
@@ -210,7 +216,12 @@ class SortedDrafter(ModelDrafter):
         hidden, nodes, depths, valid = self.pending[k].take(needing)
         hidden, nodes, depths, valid = _right_align_all(hidden, nodes, depths, valid)
         nodes = torch.where(valid, nodes, -1)
-        output = self._timed(self.segments[k].forward_tentative, hidden, nodes, depths, self._ancestors)
+        segment = self.segments[k]
+        if self.deep_rows == "needing":  # the other rows' queries would all be holes: skip their compute
+            output = self._timed(segment.forward_tentative_rows, needing.nonzero()[:, 0], hidden, nodes, depths,
+                                 self._ancestors)
+        else:
+            output = self._timed(segment.forward_tentative, hidden, nodes, depths, self._ancestors)
         if k + 1 < len(self.segments):
             self.pending[k + 1].append(output, nodes, depths, valid)
         return output
