@@ -12,6 +12,7 @@ timed after a warm-up, best of `--repeats`.
 
     python recipes/sorted_bench.py                      # both pairs, markdown table, out/sorted_bench.json
     python recipes/sorted_bench.py --pairs soft --thresholds 0.6 0.6
+    python recipes/sorted_bench.py --compare-deep-rows   # + deep_rows 'needing' vs 'all' on a batch of the prompts
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--json", default="out/sorted_bench.json")
+    parser.add_argument("--compare-deep-rows", action="store_true",
+                        help="also time deep_rows='needing' vs 'all' with the prompts in one left-padded batch")
     return parser.parse_args(argv)
 
 
@@ -142,6 +145,30 @@ def run_pair(name, target, draft, exits, prompts, args, self_speculative):
     return rows
 
 
+def compare_deep_rows(name, target, draft, exits, prompts, args, self_speculative):
+    """Rows exit at different depths: run deeper segments for the rows that need them, or for the whole batch."""
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        length = prompt["input_ids"].shape[1]
+        input_ids[row, width - length:] = prompt["input_ids"][0]
+        attention_mask[row, width - length:] = 1
+    batch = [{"input_ids": input_ids, "attention_mask": attention_mask}]
+    make = SortedDrafter.from_target if self_speculative else SortedDrafter
+    thresholds = args.thresholds or [0.7] * (len(exits) - 1)
+    rows = []
+    for mode in ("all", "needing"):
+        drafter = make(draft, exits=exits, thresholds=thresholds, num_draft_tokens=args.num_draft_tokens,
+                       deep_rows=mode)
+        elapsed, _, _, stats = timed_generate(target, batch, args.max_new_tokens, args.repeats, drafter)
+        rows.append({"pair": name, "deep_rows": mode, "batch": len(prompts), "wall_seconds": elapsed,
+                     "draft_forward_seconds": stats[0].draft_forward_seconds, **summarize(stats)})
+        print(f"| {name} | deep_rows={mode} | batch {len(prompts)} | wall {elapsed:.2f}s | draft forwards "
+              f"{stats[0].draft_forward_seconds:.2f}s | τ {rows[-1]['tau']:.2f} |", flush=True)
+    return rows
+
+
 def _row(row) -> str:
     histogram = ", ".join(f"{k}:{v}" for k, v in row.get("exit_histogram", {}).items())
     return (f"| {row['pair']} | {row['drafter']} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}× | "
@@ -158,9 +185,13 @@ def main(argv=None):
     if "soft" in args.pairs:
         target, draft, exits, prompts = soft_pair(args.soft_dir, args.num_prompts)
         results += run_pair("soft tiny", target, draft, exits, prompts, args, self_speculative=False)
+        if args.compare_deep_rows:
+            results += compare_deep_rows("soft tiny", target, draft, exits, prompts, args, self_speculative=False)
     if "synthetic" in args.pairs:
         target, draft, exits, prompts = synthetic_pair(args.num_prompts)
         results += run_pair("synthetic 206M", target, draft, exits, prompts, args, self_speculative=True)
+        if args.compare_deep_rows:
+            results += compare_deep_rows("synthetic 206M", target, draft, exits, prompts, args, self_speculative=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return results
