@@ -22,6 +22,7 @@ class Draft:
     parents: torch.Tensor
     valid: torch.Tensor
     probs: torch.Tensor | None = None
+    _depths: torch.Tensor | None = None  # computed once, on first use
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, lengths: torch.Tensor | None = None, probs: torch.Tensor | None = None):
@@ -42,21 +43,24 @@ class Draft:
 
     def depths(self) -> torch.Tensor:
         """[B, N] depth of each node (children of the root have depth 1)."""
-        return node_depths(self.parents)
+        if self._depths is None:
+            self._depths = node_depths(self.parents)
+        return self._depths
 
     def truncate_depth(self, max_depth: torch.Tensor) -> Draft:
         """Drop nodes deeper than `max_depth[b]` (a row's remaining token budget)."""
         valid = self.valid & (self.depths() <= max_depth[:, None])
-        return Draft(self.tokens, self.parents, valid, self.probs)
+        return Draft(self.tokens, self.parents, valid, self.probs, self._depths)
 
 
 def node_depths(parents: torch.Tensor) -> torch.Tensor:
-    """Depth of every node given topologically ordered parent indices (-1 = root)."""
-    depth = torch.zeros_like(parents)
-    for index in range(parents.shape[1]):  # parents precede children, so one pass suffices
-        parent = parents[:, index]
-        parent_depth = depth.gather(1, parent.clamp(min=0)[:, None])[:, 0]
-        depth[:, index] = torch.where(parent >= 0, parent_depth + 1, torch.ones_like(parent))
+    """Depth of every node (children of the root have depth 1): one step up the tree per level, all nodes at once."""
+    depth = torch.ones_like(parents)
+    current = parents
+    while bool((current >= 0).any()):
+        has_parent = current >= 0
+        depth = depth + has_parent.long()
+        current = torch.where(has_parent, parents.gather(1, current.clamp(min=0)), current)
     return depth
 
 

@@ -16,7 +16,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import SlotCache
-from .draft import Draft, ancestor_matrix, node_depths, path_tokens
+from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
 from .processors import TreePrefixes, apply_processors
 from .stats import SpecStats
@@ -312,7 +312,7 @@ def _verify_chunk(state: DecodingState, draft: Draft) -> _VerifyChunk:
     device = draft.tokens.device
     root = state.sequences.gather(1, (state.lengths - 1)[:, None])
     node_ancestors = ancestor_matrix(draft.parents) & draft.valid[:, None, :]
-    depths = node_depths(draft.parents)
+    depths = draft.depths()
     ancestors = torch.ones(batch_size, 1 + num_nodes, 1 + num_nodes, dtype=torch.bool, device=device)
     ancestors[:, 0, 1:] = False
     ancestors[:, 1:, 1:] = node_ancestors

@@ -254,13 +254,11 @@ class _CandidateBuffers:
         position_of.scatter_(1, chosen, torch.arange(chosen.shape[1], device=chosen.device).expand(batch_size, -1))
         parent_ids = self.parents.gather(1, chosen)
         parents = torch.where(parent_ids >= 0, position_of.gather(1, parent_ids.clamp(min=0)), -1)
-        valid = torch.isfinite(self.scores.gather(1, chosen)) & ((parent_ids < 0) | (parents >= 0))
-        # a node whose parent is invalid is invalid too (parents come first, so one pass settles it)
-        for index in range(chosen.shape[1]):
-            parent = parents[:, index]
-            parent_ok = torch.where(parent >= 0, valid.gather(1, parent.clamp(min=0)[:, None])[:, 0], True)
-            valid[:, index] &= parent_ok
-        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=valid)
+        # a node is usable when it and every ancestor were drawn with non-zero probability and selected
+        usable = torch.isfinite(scores) & (position_of >= 0)
+        ancestors = self.ancestors[:, : self.count, : self.count]
+        node_ok = ~(ancestors & ~usable[:, None, :]).any(-1)
+        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=node_ok.gather(1, chosen))
         return draft, chosen
 
 
