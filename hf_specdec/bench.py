@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from . import testing
-from .drafters import ModelDrafter, NGramDrafter, TreeConfig
+from .drafters import ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
 from .stats import SpecStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,6 +50,8 @@ class BenchConfig:
     sampling: bool = False
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
+    sorted_exits: tuple[int, ...] = ()  # self-speculative SortedDrafter rows on the target's own first layers
+    sorted_thresholds: tuple[float, ...] = ()  # adaptive thresholds (one per exit but the last); default 0.7 each
     pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
 
     @classmethod
@@ -240,6 +242,8 @@ def build_methods(config: BenchConfig, target, draft) -> list[Method]:
     ngram = ours(lambda: NGramDrafter(max_ngram=config.ngram_size, num_draft_tokens=gamma))
 
     methods = []
+    if config.sorted_exits:
+        methods += sorted_methods(config, target, ours)
     for do_sample in (False, True) if config.sampling else (False,):
         methods += [
             Method("plain", 1, do_sample, plain),
@@ -252,6 +256,23 @@ def build_methods(config: BenchConfig, target, draft) -> list[Method]:
                 if size > 1:
                     methods += [Method("plain", size, do_sample, plain), Method("chain", size, do_sample, chain, gamma)]
     return methods
+
+
+def sorted_methods(config: BenchConfig, target, ours) -> list[Method]:
+    """SD2 rows: each fixed exit, adaptive exits, chain and tree, drafting with the target's own first layers.
+    The speed-up formula's c (a separate draft model's cost) does not apply, so no γ is given for the theory."""
+    exits = list(config.sorted_exits)
+    thresholds = list(config.sorted_thresholds) or [0.7] * (len(exits) - 1)
+    gamma, tree = config.num_draft_tokens, config.tree_config
+
+    def make(**kwargs):
+        return ours(lambda: SortedDrafter.from_target(target, num_draft_tokens=gamma, **kwargs))
+
+    rows = [Method(f"sorted exit {e}", 1, False, make(exits=[e])) for e in exits]
+    rows.append(Method(f"sorted adaptive {exits}", 1, False, make(exits=exits, thresholds=thresholds)))
+    rows.append(Method(f"sorted tree exit {exits[-1]}", 1, False, make(exits=[exits[-1]], tree=tree)))
+    rows.append(Method(f"sorted tree adaptive {exits}", 1, False, make(exits=exits, thresholds=thresholds, tree=tree)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,6 +293,7 @@ class Measurement:
     draft_forwards: int = 0
     model_seconds: float = 0.0
     engine_wall_seconds: float = 0.0
+    exit_counts: dict = field(default_factory=dict)  # sorted drafters: drafted tokens per exit layer
 
 
 def run_method(method: Method, batches: list[dict], max_new_tokens: int, target, draft, seed: int) -> Measurement:
@@ -294,7 +316,7 @@ def run_method(method: Method, batches: list[dict], max_new_tokens: int, target,
             drafted=sum(int(s.drafted.sum()) for s in stats), accepted=sum(int(s.accepted.sum()) for s in stats),
             rounds=sum(int(s.rounds.sum()) for s in stats), target_forwards=sum(s.target_forwards for s in stats),
             draft_forwards=sum(s.draft_forwards for s in stats), model_seconds=sum(s.model_seconds for s in stats),
-            engine_wall_seconds=sum(s.wall_seconds for s in stats),
+            engine_wall_seconds=sum(s.wall_seconds for s in stats), exit_counts=_sum_exit_counts(stats),
         )
     new_tokens = sum(s.numel() for s in sequences)
     rounds = meter.calls["target"] if draft is not None else 0  # assisted: no prefill, one target forward a round
@@ -333,7 +355,16 @@ def summarize(method: Method, measurements: list[Measurement], reference: Measur
         equal_rows=equal_rows, total_rows=total_rows,
         loop_efficiency=first.model_seconds / first.engine_wall_seconds if first.engine_wall_seconds else None,
         theoretical_speedup=theory, theoretical_speedup_with_verify_cost=theory_with_verify,
+        **({"exit_counts": {str(k): v for k, v in first.exit_counts.items()}} if first.exit_counts else {}),
     )
+
+
+def _sum_exit_counts(stats) -> dict:
+    totals: dict[int, int] = {}
+    for spec_stats in stats:
+        for layer, count in spec_stats.exit_counts.items():
+            totals[layer] = totals.get(layer, 0) + count
+    return totals
 
 
 def bench_pair(config: BenchConfig, target, draft, progress: tqdm) -> tuple[list[dict], dict]:
@@ -522,6 +553,9 @@ def format_report(report: dict, markdown: bool = False) -> str:
     blocks = []
     for pair in report["pairs"]:
         blocks.append(pair_heading(pair, report["config"]) + "\n\n" + format_table(pair["results"], markdown))
+        exits = [f"{row['method']}: {row['exit_counts']}" for row in pair["results"] if row.get("exit_counts")]
+        if exits:
+            blocks.append("drafted tokens per exit layer — " + "; ".join(exits))
     blocks.append(f"total wall time {report['wall_seconds']:.0f} s")
     return "\n\n".join(blocks)
 

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int, help="prompts (a multiple of every batch size) [8]")
     bench.add_argument("--repeats", type=int, help="timed repetitions; the table shows the median [3]")
     bench.add_argument("--sampling", action="store_true", help="add sampling rows (equality not checked there)")
+    bench.add_argument("--sorted-exits", type=_numbers(int),
+                       help="add SD2 rows: SortedDrafter.from_target with these exits of the target, e.g. 1,2,4")
+    bench.add_argument("--sorted-thresholds", type=_numbers(float),
+                       help="adaptive thresholds for --sorted-exits, one per exit but the last [0.7 each]")
     bench.add_argument("--seed", type=int, help="seed of the synthetic pair and prompts [0]")
     bench.add_argument("--threads", type=int, help="torch intra-op threads [torch's default: one per core]")
     bench.add_argument("--json", type=Path, help="also write the full report as JSON to this path")
@@ -61,6 +65,7 @@ def bench_config_from_args(args: argparse.Namespace):
         device=args.device, batch_sizes=_flatten(args.batch_sizes), num_draft_tokens=args.num_draft_tokens,
         tree=args.tree, max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, repeats=args.repeats,
         sampling=args.sampling or None, seed=args.seed, threads=args.threads,
+        sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,
     )
     given = {name: value for name, value in given.items() if value is not None}
     return BenchConfig.quick(**given) if args.quick else BenchConfig(**given)

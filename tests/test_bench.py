@@ -71,6 +71,22 @@ def test_bench_end_to_end_writes_a_complete_json_report(tmp_path, capsys):
             assert 0.0 <= row["per_token_acceptance"] <= 1.0
 
 
+def test_bench_sorted_rows_report_exit_histograms(tmp_path, capsys):
+    report_path = tmp_path / "sorted.json"
+    exit_code = main(["bench", "--quick", "--agreement", "0.9", "--batch-sizes", "1", "--num-prompts", "2",
+                      "--max-new-tokens", "8", "--sorted-exits", "1,2,4", "--sorted-thresholds", "0.3,0.3",
+                      "--no-progress", "--json", str(report_path)])
+    assert exit_code == 0 and "drafted tokens per exit layer" in capsys.readouterr().out
+    (pair,) = json.loads(report_path.read_text())["pairs"]
+    rows = {row["method"]: row for row in pair["results"] if row["method"].startswith("sorted")}
+    assert set(rows) == {"sorted exit 1", "sorted exit 2", "sorted exit 4", "sorted adaptive [1, 2, 4]",
+                         "sorted tree exit 4", "sorted tree adaptive [1, 2, 4]"}
+    for name, row in rows.items():
+        assert row["equal_to_plain"] is True, name
+        assert sum(row["exit_counts"].values()) == row["drafted"], name  # the histogram covers every draft token
+    assert set(rows["sorted exit 2"]["exit_counts"]) == {"2"}
+
+
 def test_synthetic_pair_hits_the_requested_agreement_and_shares_modules(tmp_path):
     target, draft = testing.build_synthetic_pair(0.7, seed=3, cache_dir=tmp_path, **TINY_PAIR)
     held_out = testing.measure_greedy_agreement(target, draft, num_prompts=32, seed=1234)
