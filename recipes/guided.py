@@ -120,10 +120,13 @@ def main(argv=None):
         encode_prompt(tokenizer, p, config.max_length // 2, flow.synthetic_chat_template)
         for p in heldout_text.select(range(min(flow.bench_prompts, len(heldout_text))))[prompt_column]
     ]
-    results = {
-        name: {**metrics.get(name, {}), **benchmark(target, kind, model, tokenizer, prompts, flow, config)}
-        for name, (kind, model) in drafters.items()
-    }
+    plain = benchmark(target, "plain", None, tokenizer, prompts, flow, config)
+    results = {"plain generate (no drafter)": plain}
+    for name, (kind, model) in drafters.items():
+        row = {**metrics.get(name, {}), **benchmark(target, kind, model, tokenizer, prompts, flow, config)}
+        for mode in ("greedy", "sampling"):  # wall time of plain generate on the same batches / this drafter's
+            row[f"{mode}_speedup"] = plain[f"{mode}_seconds"] / row[f"{mode}_seconds"]
+        results[name] = row
     report(output_dir, results)
 
 
@@ -145,7 +148,8 @@ def eval_acceptance(trainer) -> dict[str, float]:
 
 @torch.no_grad()
 def benchmark(target, kind, model, tokenizer, prompts, flow: GuidedFlowArguments, config) -> dict[str, float]:
-    """τ, α and wall time of speculative generation with this drafter, greedy and sampling (temperature 1)."""
+    """τ, α and wall time of speculative generation with this drafter, greedy and sampling (temperature 1);
+    `kind="plain"` times plain `generate` on the same batches and seeds (the speed-up baseline)."""
     results = {}
     eos = tokenizer.eos_token_id
     for mode, seeds in (("greedy", [0]), ("sampling", list(range(flow.bench_seeds)))):
@@ -158,11 +162,12 @@ def benchmark(target, kind, model, tokenizer, prompts, flow: GuidedFlowArguments
                 pad = tokenizer.pad_token_id
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=target.device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=target.device)
-                drafter = (
-                    model.as_drafter(num_draft_tokens=config.draft_length)
-                    if kind == "guided"
-                    else (hf_specdec.ModelDrafter(model, num_draft_tokens=config.draft_length))
-                )
+                if kind == "plain":
+                    assistant = {}
+                elif kind == "guided":
+                    assistant = {"assistant_model": model.as_drafter(num_draft_tokens=config.draft_length)}
+                else:
+                    assistant = {"assistant_model": hf_specdec.ModelDrafter(model, num_draft_tokens=config.draft_length)}
                 sampling = (
                     {"do_sample": True, "temperature": 1.0, "top_k": 0} if mode == "sampling" else {"do_sample": False}
                 )
@@ -171,20 +176,22 @@ def benchmark(target, kind, model, tokenizer, prompts, flow: GuidedFlowArguments
                 out = target.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    assistant_model=drafter,
                     max_new_tokens=flow.bench_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=pad,
                     return_dict_in_generate=True,
+                    **assistant,
                     **sampling,
                 )
                 seconds += time.perf_counter() - begin
-                stats = out.spec_stats
-                accepted += int(stats.accepted.sum())
-                drafted += int(stats.drafted.sum())
-                rounds += int(stats.rounds.sum())
-        results[f"{mode}_tau"] = (accepted + rounds) / max(rounds, 1)
-        results[f"{mode}_alpha"] = accepted / max(drafted, 1)
+                stats = getattr(out, "spec_stats", None)
+                if stats is not None:
+                    accepted += int(stats.accepted.sum())
+                    drafted += int(stats.drafted.sum())
+                    rounds += int(stats.rounds.sum())
+        if kind != "plain":
+            results[f"{mode}_tau"] = (accepted + rounds) / max(rounds, 1)
+            results[f"{mode}_alpha"] = accepted / max(drafted, 1)
         results[f"{mode}_seconds"] = seconds
     return results
 
@@ -192,11 +199,14 @@ def benchmark(target, kind, model, tokenizer, prompts, flow: GuidedFlowArguments
 def report(output_dir: Path, results: dict[str, dict[str, float]]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    columns = ["heldout_expected_acceptance", "greedy_tau", "greedy_alpha", "sampling_tau", "sampling_alpha"]
-    print("\nSD² flow: held-out Σmin(p,q); τ = tokens per round, α = accepted / drafted (greedy, sampling)")
+    columns = ["heldout_expected_acceptance", "greedy_tau", "greedy_alpha", "greedy_speedup", "sampling_tau",
+               "sampling_alpha", "sampling_speedup"]
+    print("\nSD² flow: held-out Σmin(p,q); τ = tokens per round, α = accepted / drafted, speed-up = plain generate's"
+          " wall time / this drafter's (greedy, sampling)")
     print(
         f"  {'drafter':<32}"
-        + "".join(f"{c:>14}" for c in ["E[accept]", "greedy τ", "greedy α", "sample τ", "sample α"])
+        + "".join(f"{c:>14}" for c in ["E[accept]", "greedy τ", "greedy α", "greedy ×", "sample τ", "sample α",
+                                       "sample ×"])
     )
     for name, row in results.items():
         print(f"  {name:<32}" + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in columns))

@@ -241,10 +241,13 @@ def test_guided_recipe_runs_offline_and_benchmarks_three_drafters(tmp_path):
         ]
     )
     results = json.loads((tmp_path / "results.json").read_text())
+    plain = results.pop("plain generate (no drafter)")  # the speed-up baseline: wall times only
+    assert plain["greedy_seconds"] > 0 and plain["sampling_seconds"] > 0
     assert len(results) == 3
     for row in results.values():
         assert 1.0 <= row["greedy_tau"] <= 5.0 and 0.0 <= row["sampling_alpha"] <= 1.0
         assert 0.0 <= row["heldout_expected_acceptance"] <= 1.0
+        assert row["greedy_speedup"] > 0 and row["sampling_speedup"] > 0
 
 
 # ----- errors ---------------------------------------------------------------------------------------------------
