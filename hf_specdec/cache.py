@@ -208,7 +208,7 @@ class SlotCache:
         if 1 - width / length <= max_hole_fraction:
             return
         # Right-align each row's real slots (stable order); the left remainder becomes padding holes.
-        order = torch.argsort(self.committed.int(), dim=1, stable=True)[:, length - width:]
+        order = right_aligned_order(self.committed)[:, length - width:]
         self._gather_into(0, order, total_width=width)
         self.committed = self.committed.gather(1, order)
         self.slot_positions = self.slot_positions.gather(1, order)
@@ -232,6 +232,11 @@ class SlotCache:
         for layer in self._owned_layers():
             layer.keys = layer.keys[:, :, :length]
             layer.values = layer.values[:, :, :length]
+
+
+def right_aligned_order(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order that moves the True entries to the right end, each side keeping its order."""
+    return torch.argsort(mask.int(), dim=1, stable=True)
 
 
 def _lookup(ancestors: torch.Tensor, query_nodes: torch.Tensor, key_nodes: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ class ModelDrafter(Drafter):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError(f"ModelDrafter needs a transformers causal LM, got {type(model).__name__}.")
         self.model = model
+        self.vocab_size = model.config.get_text_config().vocab_size
         self.cache: SlotCache | None = None
         self.forward_seconds = 0.0
         self.forward_count = 0
@@ -175,7 +176,7 @@ class ModelDrafter(Drafter):
     def _embeddable(self, tokens):
         """A target token beyond a smaller padded draft vocabulary has no draft embedding; such ids only occur with
         untrained padding rows, and clamping them only affects draft quality, never the output."""
-        return tokens.to(self.device).clamp(max=self.model.config.get_text_config().vocab_size - 1)
+        return tokens.to(self.device).clamp(max=self.vocab_size - 1)
 
     def _timed(self, function, *args, **kwargs):
         _synchronize(self.device)

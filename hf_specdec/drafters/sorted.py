@@ -19,7 +19,7 @@ from itertools import pairwise
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ..cache import SlotCache
+from ..cache import SlotCache, right_aligned_order
 from ..draft import Draft
 from .base import DecodingState, TreeConfig
 from .model import ModelDrafter
@@ -204,7 +204,7 @@ class SortedDrafter(ModelDrafter):
         outputs = [hidden]
         for k in range(1, len(self.segments)):
             older, older_valid = self.pending[k].take_committed()
-            chunk, chunk_valid = _right_align(torch.cat([older, hidden], 1), torch.cat([older_valid, valid], 1))
+            chunk, chunk_valid = _right_align(torch.cat([older_valid, valid], 1), torch.cat([older, hidden], 1))
             hidden = self._timed(self.segments[k].forward_committed, chunk, chunk_valid)
             valid = chunk_valid
             outputs.append(hidden)
@@ -214,7 +214,7 @@ class SortedDrafter(ModelDrafter):
         """Run segment k for the rows that need it on their pending (tentative) states, oldest first; the
         outputs become pending for segment k + 1. Returns [B, P, H] right-aligned (newest last)."""
         hidden, nodes, depths, valid = self.pending[k].take(needing)
-        hidden, nodes, depths, valid = _right_align_all(hidden, nodes, depths, valid)
+        hidden, nodes, depths, valid = _right_align(valid, hidden, nodes, depths)
         nodes = torch.where(valid, nodes, -1)
         segment = self.segments[k]
         if self.deep_rows == "needing":  # the other rows' queries would all be holes: skip their compute
@@ -304,16 +304,12 @@ class _Pending:
             self.hidden[:, keep], self.nodes[:, keep], self.depths[:, keep], self.valid[:, keep])
 
 
-def _right_align(hidden, valid):
-    """Move each row's valid entries to the right end (stable), so column -1 is every row's newest entry."""
-    order = torch.argsort(valid.int(), dim=1, stable=True)
-    return hidden.gather(1, order[:, :, None].expand(-1, -1, hidden.shape[-1])), valid.gather(1, order)
-
-
-def _right_align_all(hidden, nodes, depths, valid):
-    order = torch.argsort(valid.int(), dim=1, stable=True)
-    return (hidden.gather(1, order[:, :, None].expand(-1, -1, hidden.shape[-1])), nodes.gather(1, order),
-            depths.gather(1, order), valid.gather(1, order))
+def _right_align(valid, *tensors):
+    """Move each row's valid entries to the right end (stable), so column -1 is every row's newest entry.
+    Returns the reordered `tensors` (each [B, W, ...]) followed by the reordered mask."""
+    order = right_aligned_order(valid)
+    moved = [t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand_as(t)) for t in tensors]
+    return (*moved, valid.gather(1, order))
 
 
 class _DecoderParts:
