@@ -163,12 +163,13 @@ class _Run:
         self.stats.accepted[rows] += verdict.num_accepted.cpu()
         self.stats.rejected[rows] += verdict.rejected.long().cpu()
         self.stats.rounds[rows] += 1
+        self.stats.record_accepted_lengths(verdict.num_accepted.cpu())
 
         new_tokens = torch.cat([draft.tokens.gather(1, verdict.path.clamp(min=0)), verdict.next_token[:, None]], 1)
         new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
         # the distribution behind each emitted token sits at its parent's chunk position
         sources = (processed, logits, accepted_chunk[:, : new_tokens.shape[1]])
-        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources))
+        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, verdict.num_accepted))
         self.target.compact()
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
@@ -207,9 +208,10 @@ class _Run:
             target_hidden=self.target_hidden,
         )
 
-    def _append(self, tokens, counts, sources):
+    def _append(self, tokens, counts, sources, from_draft=None):
         """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion.
-        `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits."""
+        `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits;
+        `from_draft[b]` = how many leading tokens are accepted draft tokens (None: all are the target's own)."""
         rows = self.active
         lengths = self.lengths[rows]
         counts = torch.minimum(counts, self.max_length - lengths)
@@ -229,8 +231,16 @@ class _Run:
         if self.extra_criteria:
             ended |= self._apply_stopping_criteria(rows, lengths, counts)
         if self.streamer is not None:
-            self.streamer.put(tokens[0, : int(counts[0])].cpu())
+            self._stream(tokens[0, : int(counts[0])].cpu(), 0 if from_draft is None else int(from_draft[0]))
         return ended
+
+    def _stream(self, tokens: torch.Tensor, from_draft: int) -> None:
+        """Streamers with `put_speculative(tokens, num_from_draft)` also learn which tokens were accepted drafts
+        (the leading `num_from_draft`; the rest came from the target); others get transformers' `put`."""
+        if hasattr(self.streamer, "put_speculative"):
+            self.streamer.put_speculative(tokens, min(from_draft, len(tokens)))
+        else:
+            self.streamer.put(tokens)
 
     def _apply_stopping_criteria(self, rows, old_lengths, counts) -> torch.Tensor:
         """Check user stopping criteria after every appended token, as plain generate does, and cut there."""

@@ -34,11 +34,19 @@ class SpecStats:
     draft_forward_seconds: float = 0.0  # forwards of the drafter's model
     new_tokens: torch.Tensor | None = None  # tokens generated per row (after EOS / length truncation)
     exit_counts: dict[int, int] = field(default_factory=dict)  # sorted drafters: drafted tokens per exit layer
+    # rounds by number of accepted draft tokens: accepted_length_counts[k] = rounds (over all rows) that accepted k
+    accepted_length_counts: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, batch_size: int) -> SpecStats:
         zeros = torch.zeros(batch_size, dtype=torch.long)
         return cls(drafted=zeros.clone(), accepted=zeros.clone(), rounds=zeros.clone(), rejected=zeros.clone())
+
+    def record_accepted_lengths(self, num_accepted: torch.Tensor) -> None:
+        """Add one round's accepted counts (one per active row) to the histogram."""
+        counts = torch.bincount(num_accepted, minlength=len(self.accepted_length_counts)).tolist()
+        self.accepted_length_counts.extend([0] * (len(counts) - len(self.accepted_length_counts)))
+        self.accepted_length_counts = [total + new for total, new in zip(self.accepted_length_counts, counts)]
 
     @property
     def acceptance_rate(self) -> float:
@@ -89,5 +97,6 @@ class SpecStats:
             "draft_forwards": self.draft_forwards,
             "loop_efficiency": self.loop_efficiency,
             "wall_seconds": self.wall_seconds,
+            "accepted_length_counts": list(self.accepted_length_counts),
             **({"exit_counts": dict(self.exit_counts)} if self.exit_counts else {}),
         }

@@ -52,6 +52,10 @@ def test_stats_add_up(pair):
     assert stats.mean_accepted_length == pytest.approx((stats.accepted.sum() + stats.rounds.sum()).item()
                                                        / stats.rounds.sum().item())
     assert 0 < stats.loop_efficiency <= 1.0
+    # the histogram of accepted lengths counts every round of every row once, and their accepted tokens
+    histogram = stats.accepted_length_counts
+    assert len(histogram) <= 3 + 1 and sum(histogram) == int(stats.rounds.sum())
+    assert sum(length * rounds for length, rounds in enumerate(histogram)) == int(stats.accepted.sum())
     assert set(stats.summary()) >= {"acceptance_rate", "mean_accepted_length", "loop_efficiency"}
 
 
@@ -105,6 +109,33 @@ def test_streamer_receives_prompt_then_every_token(pair):
     assert streamer.ended and streamer.chunks[0] == prompt["input_ids"][0].tolist()
     assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, 6:].tolist()
     assert len(streamer.chunks) < 1 + 15  # several tokens per chunk: speculation streamed per round
+
+
+class SpeculativeRecordingStreamer(RecordingStreamer):
+    def __init__(self):
+        super().__init__()
+        self.from_draft = []
+
+    def put_speculative(self, tokens, num_from_draft):
+        self.put(tokens)
+        self.from_draft.append(num_from_draft)
+
+
+def test_speculative_streamer_learns_which_tokens_were_drafted(pair):
+    target, draft = pair
+    prompt = left_padded_batch(target.config.vocab_size, [6], seed=5)
+    streamer = SpeculativeRecordingStreamer()
+    out = target.generate(**prompt, max_new_tokens=15, do_sample=False, streamer=streamer, eos_token_id=None,
+                          pad_token_id=0, assistant_model=ModelDrafter(draft, num_draft_tokens=4),
+                          return_dict_in_generate=True)
+    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out.sequences[0, 6:].tolist()
+    # first chunk after the prompt: the prefill's token (the target's own); then one chunk per round whose
+    # leading tokens are the accepted drafts, the bonus token last unless max_new_tokens cut the round short
+    assert len(streamer.from_draft) == 1 + int(out.spec_stats.rounds[0]) == len(streamer.chunks) - 1
+    assert streamer.from_draft[0] == 0 and sum(streamer.from_draft) <= int(out.spec_stats.accepted[0])
+    for chunk, drafted in zip(streamer.chunks[2:-1], streamer.from_draft[1:-1]):
+        assert drafted == len(chunk) - 1
+    assert any(streamer.from_draft)
 
 
 def test_streamer_with_a_batch_is_refused(pair):
