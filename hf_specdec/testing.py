@@ -382,3 +382,40 @@ def _left_pad(prompts: list[torch.Tensor], pad_token_id: int, device) -> dict[st
         input_ids[row, width - len(prompt) :] = prompt
         attention_mask[row, width - len(prompt) :] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+class SyntheticTokenizer:
+    """Text ⇄ token ids for the synthetic pair, which has no tokenizer: one token per UTF-8 byte.
+
+    Byte b is token `FIRST_ORDINARY_TOKEN_ID + b`, so category prompts keep their lengths and repetitions (what
+    n-gram drafting and long-context costs depend on). The synthetic target emits ids from its whole vocabulary;
+    `decode` writes ids outside the byte range as `⟨id⟩`, so its output is visible but not prose.
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID
+    chat_template = None
+
+    def __init__(self, vocab_size: int = DEFAULT_PAIR_SHAPE["vocab_size"]):
+        if vocab_size < FIRST_ORDINARY_TOKEN_ID + 256:
+            raise ValueError(f"A byte tokenizer needs vocab_size >= {FIRST_ORDINARY_TOKEN_ID + 256}, got {vocab_size}.")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [FIRST_ORDINARY_TOKEN_ID + byte for byte in text.encode("utf-8")]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        pieces, pending = [], bytearray()
+        for token in ids:
+            byte = token - FIRST_ORDINARY_TOKEN_ID
+            if 0 <= byte < 256:
+                pending.append(byte)
+                continue
+            if pending:
+                pieces.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+            if not (skip_special_tokens and token < FIRST_ORDINARY_TOKEN_ID):
+                pieces.append(f"⟨{token}⟩")
+        if pending:
+            pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)

@@ -1,6 +1,7 @@
 from .base import DecodingState, Drafter, TreeConfig
+from .loading import drafter_kind, load_drafter
 from .model import ModelDrafter
 from .ngram import NGramDrafter
 from .sorted import SortedDrafter
 
-__all__ = ["DecodingState", "Drafter", "ModelDrafter", "NGramDrafter", "SortedDrafter", "TreeConfig"]
+__all__ = ["DecodingState", "Drafter", "ModelDrafter", "NGramDrafter", "SortedDrafter", "TreeConfig", "drafter_kind", "load_drafter"]
