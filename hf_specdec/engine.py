@@ -169,7 +169,8 @@ class _Run:
         new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
         # the distribution behind each emitted token sits at its parent's chunk position
         sources = (processed, logits, accepted_chunk[:, : new_tokens.shape[1]])
-        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, verdict.num_accepted))
+        drafted = (verdict.num_accepted, draft.valid.sum(-1))  # for speculative streamers
+        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, drafted))
         self.target.compact()
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
@@ -208,10 +209,10 @@ class _Run:
             target_hidden=self.target_hidden,
         )
 
-    def _append(self, tokens, counts, sources, from_draft=None):
+    def _append(self, tokens, counts, sources, drafted=None):
         """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion.
         `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits;
-        `from_draft[b]` = how many leading tokens are accepted draft tokens (None: all are the target's own)."""
+        `drafted` = (accepted draft tokens, tokens drafted) per row this round; None: tokens are the target's own."""
         rows = self.active
         lengths = self.lengths[rows]
         counts = torch.minimum(counts, self.max_length - lengths)
@@ -231,14 +232,16 @@ class _Run:
         if self.extra_criteria:
             ended |= self._apply_stopping_criteria(rows, lengths, counts)
         if self.streamer is not None:
-            self._stream(tokens[0, : int(counts[0])].cpu(), 0 if from_draft is None else int(from_draft[0]))
+            accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
+            self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
         return ended
 
-    def _stream(self, tokens: torch.Tensor, from_draft: int) -> None:
-        """Streamers with `put_speculative(tokens, num_from_draft)` also learn which tokens were accepted drafts
-        (the leading `num_from_draft`; the rest came from the target); others get transformers' `put`."""
+    def _stream(self, tokens: torch.Tensor, accepted: int, proposed: int) -> None:
+        """Streamers with `put_speculative(tokens, num_from_draft, num_drafted)` also learn which tokens were
+        accepted drafts (the leading `num_from_draft`; the rest came from the target) and how many tokens the
+        drafter proposed that round; others get transformers' `put`."""
         if hasattr(self.streamer, "put_speculative"):
-            self.streamer.put_speculative(tokens, min(from_draft, len(tokens)))
+            self.streamer.put_speculative(tokens, min(accepted, len(tokens)), proposed)
         else:
             self.streamer.put(tokens)
 

@@ -114,11 +114,12 @@ def test_streamer_receives_prompt_then_every_token(pair):
 class SpeculativeRecordingStreamer(RecordingStreamer):
     def __init__(self):
         super().__init__()
-        self.from_draft = []
+        self.from_draft, self.drafted = [], []
 
-    def put_speculative(self, tokens, num_from_draft):
+    def put_speculative(self, tokens, num_from_draft, num_drafted):
         self.put(tokens)
         self.from_draft.append(num_from_draft)
+        self.drafted.append(num_drafted)
 
 
 def test_speculative_streamer_learns_which_tokens_were_drafted(pair):
@@ -135,7 +136,7 @@ def test_speculative_streamer_learns_which_tokens_were_drafted(pair):
     assert streamer.from_draft[0] == 0 and sum(streamer.from_draft) <= int(out.spec_stats.accepted[0])
     for chunk, drafted in zip(streamer.chunks[2:-1], streamer.from_draft[1:-1]):
         assert drafted == len(chunk) - 1
-    assert any(streamer.from_draft)
+    assert any(streamer.from_draft) and sum(streamer.drafted) == int(out.spec_stats.drafted[0])
 
 
 def test_streamer_with_a_batch_is_refused(pair):
