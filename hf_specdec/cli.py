@@ -1,4 +1,4 @@
-"""`hf-specdec` command line: `hf-specdec bench [options]` (also `python -m hf_specdec bench`)."""
+"""`hf-specdec` command line: `hf-specdec bench [options]`, `hf-specdec demo [options]` (also `python -m hf_specdec ...`)."""
 
 from __future__ import annotations
 
@@ -21,66 +21,123 @@ def _flatten(values):
     return None if values is None else tuple(item for group in values for item in group)
 
 
+def _drafter_pair(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH_OR_HUB_NAME, got {text!r}")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-specdec", description="Speculative decoding for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser(
+    add_bench_arguments(commands.add_parser(
         "bench",
-        help="offline benchmark: plain, transformers-assisted and hf_specdec decoding side by side",
-        description="Time plain generate, transformers' assisted generation and hf_specdec (chain, tree, n-gram, "
-        "batched) on the same prompts. Default pair: a synthetic ~206M-parameter target and a one-layer draft "
-        "built locally at each --agreement rate (nothing is downloaded). See docs/benchmark.md.",
+        help="benchmark suite: plain, transformers-assisted and hf_specdec decoding side by side, by prompt category",
+        description="Time plain generate, transformers' assisted generation and hf_specdec (chains, trees, n-grams, "
+        "every drafter, draft-length and batch-size sweeps, greedy and sampling) on prompt sets by category. "
+        "Default pair: a synthetic ~206M-parameter target and a one-layer draft built locally (nothing is "
+        "downloaded); --lab uses a recipes/lab.py output; --target/--draft any Hub or local models. "
+        "See docs/benchmark.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ))
+    demo = commands.add_parser(
+        "demo", help="a web page that streams plain and speculative generation side by side (needs the demo extra)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--target", help="target model: Hub name or local dir (default: the synthetic pair)")
-    bench.add_argument("--draft", help="draft model: Hub name or local dir (with --target)")
-    bench.add_argument("--agreement", nargs="+", type=_numbers(float), help="synthetic pair agreement rates [0.6 0.9]")
-    bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype [float32]")
-    bench.add_argument("--device", help="cpu, cuda, cuda:1, ... [cpu]")
-    bench.add_argument("--batch-sizes", nargs="+", type=_numbers(int), help="batch sizes for the batched rows [1 4 8]")
-    bench.add_argument("--num-draft-tokens", type=int, help="γ, tokens drafted per round for chains [6]")
-    bench.add_argument("--tree", type=_numbers(int), help="tree drafting: depth,top_k,max_nodes [5,4,24]")
-    bench.add_argument("--max-new-tokens", type=int, help="new tokens per prompt [32]")
-    bench.add_argument("--num-prompts", type=int, help="prompts (a multiple of every batch size) [8]")
-    bench.add_argument("--repeats", type=int, help="timed repetitions; the table shows the median [3]")
-    bench.add_argument("--sampling", action="store_true", help="add sampling rows (equality not checked there)")
-    bench.add_argument("--sorted-exits", type=_numbers(int),
-                       help="add SD2 rows: SortedDrafter.from_target with these exits of the target, e.g. 1,2,4")
-    bench.add_argument("--sorted-thresholds", type=_numbers(float),
-                       help="adaptive thresholds for --sorted-exits, one per exit but the last [0.7 each]")
-    bench.add_argument("--seed", type=int, help="seed of the synthetic pair and prompts [0]")
-    bench.add_argument("--threads", type=int, help="torch intra-op threads [torch's default: one per core]")
-    bench.add_argument("--json", type=Path, help="also write the full report as JSON to this path")
-    bench.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    bench.add_argument("--quick", action="store_true", help="tiny pair and sizes: a smoke test in seconds")
-    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    try:
+        from .demo import add_demo_arguments
+    except ImportError:  # the demo extra is not installed; `hf-specdec demo` says how to get it
+        demo.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    else:
+        add_demo_arguments(demo)
     return parser
 
 
-def bench_config_from_args(args: argparse.Namespace):
-    from .bench import BenchConfig
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from .bench import EXPERIMENTS
 
+    pair = bench.add_argument_group("models")
+    pair.add_argument("--target", help="target model: Hub name or local dir (default: the synthetic pair)")
+    pair.add_argument("--draft", help="draft model (Hub name or local dir), named 'draft' in the tables")
+    pair.add_argument("--drafter", action="append", type=_drafter_pair, metavar="NAME=PATH",
+                      help="add a named drafter checkpoint (plain, sorted or guided; repeatable)")
+    pair.add_argument("--lab", help="a recipes/lab.py output dir: its target and every drafter it trained")
+    pair.add_argument("--agreement", nargs="+", type=_numbers(float), help="synthetic pair agreement rates [0.9]")
+    pair.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype [float32]")
+    pair.add_argument("--device", help="cpu, cuda, cuda:1, ... [cpu]")
+    what = bench.add_argument_group("what to run")
+    what.add_argument("--prompts", nargs="+",
+                      help="built-in categories (chat code math summarization qa translation rag) and/or JSONL "
+                      "files [all categories]")
+    what.add_argument("--prompts-per-category", type=int, help="first N prompts of each category [2]")
+    what.add_argument("--max-prompt-tokens", type=int, help="prompts keep their last N tokens [512]")
+    what.add_argument("--experiments", nargs="+", type=_numbers(str),
+                      help=f"any of: {', '.join(EXPERIMENTS)} [all but sorted]")
+    what.add_argument("--decoding", nargs="+", choices=("greedy", "sample"), help="[greedy sample]")
+    what.add_argument("--temperature", type=float, help="temperature of the sampling rows [1.0]")
+    what.add_argument("--num-draft-tokens", type=int, help="γ, tokens drafted per round for chains [6]")
+    what.add_argument("--draft-lengths", nargs="+", type=_numbers(int), help="γ values of the gamma-sweep [1 2 4 8]")
+    what.add_argument("--batch-sizes", nargs="+", type=_numbers(int), help="batch sizes of the batch-sweep [1 4 8]")
+    what.add_argument("--tree", type=_numbers(int), help="tree drafting: depth,top_k,max_nodes [5,4,24]")
+    what.add_argument("--max-new-tokens", type=int, help="new tokens per prompt [32]")
+    what.add_argument("--repeats", type=int, help="timed repetitions; tables show the median [2]")
+    what.add_argument("--warmup", type=int, help="untimed warm-up passes per method [1]")
+    what.add_argument("--sorted-exits", type=_numbers(int),
+                      help="add SD2 rows: SortedDrafter.from_target with these exits of the target, e.g. 1,2,4")
+    what.add_argument("--sorted-thresholds", type=_numbers(float),
+                      help="adaptive thresholds for --sorted-exits, one per exit but the last [0.7 each]")
+    what.add_argument("--seed", type=int, help="seed of the synthetic pair and of sampling [0]")
+    what.add_argument("--threads", type=int, help="torch intra-op threads [torch's default: one per core]")
+    what.add_argument("--quick", action="store_true", help="tiny pair and sizes: a smoke test in seconds")
+    out = bench.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="write report.json, report.md and PNG plots into this directory")
+    out.add_argument("--json", type=Path, help="also write the full report as JSON to this path")
+    out.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def suite_config_from_args(args: argparse.Namespace):
+    from .bench import SuiteConfig
+
+    drafters = dict(args.drafter or [])
+    if args.draft is not None:
+        drafters = {"draft": args.draft, **drafters}
+    experiments = _flatten(args.experiments)
+    if args.sorted_exits and experiments is None:
+        from .bench import DEFAULT_EXPERIMENTS
+
+        experiments = (*DEFAULT_EXPERIMENTS, "sorted")
     given = dict(
-        target=args.target, draft=args.draft, agreements=_flatten(args.agreement), dtype=args.dtype,
-        device=args.device, batch_sizes=_flatten(args.batch_sizes), num_draft_tokens=args.num_draft_tokens,
-        tree=args.tree, max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, repeats=args.repeats,
-        sampling=args.sampling or None, seed=args.seed, threads=args.threads,
-        sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,
+        target=args.target, drafters=drafters or None, lab=args.lab, agreements=_flatten(args.agreement),
+        dtype=args.dtype, device=args.device, prompts=tuple(args.prompts) if args.prompts else None,
+        prompts_per_category=args.prompts_per_category, max_prompt_tokens=args.max_prompt_tokens,
+        experiments=experiments, decodings=tuple(args.decoding) if args.decoding else None,
+        temperature=args.temperature, num_draft_tokens=args.num_draft_tokens,
+        draft_lengths=_flatten(args.draft_lengths), batch_sizes=_flatten(args.batch_sizes), tree=args.tree,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        threads=args.threads, sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,
     )
     given = {name: value for name, value in given.items() if value is not None}
-    return BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
+    return SuiteConfig.quick(**given) if args.quick else SuiteConfig(**given)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import format_report, run_bench
+    from .bench import format_suite_report, run_suite, write_markdown_report, write_plots
 
     try:
-        config = bench_config_from_args(args)
+        config = suite_config_from_args(args)
     except ValueError as error:
         print(f"hf-specdec bench: {error}", file=sys.stderr)
         return 2
-    report = run_bench(config, show_progress=not args.no_progress)
-    print(format_report(report, markdown=args.markdown))
+    report = run_suite(config, show_progress=not args.no_progress)
+    print(format_suite_report(report, markdown=args.markdown))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        plots = write_plots(report, args.out / "plots")
+        write_markdown_report(report, args.out / "report.md", plots)
+        print(f"report.json, report.md and {len(plots)} plots written to {args.out}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
@@ -92,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_bench_command(args)
+    if args.command == "demo":
+        try:
+            from .demo import run_demo_command
+        except ImportError as error:
+            print(f'hf-specdec demo needs the demo extra: pip install "hf-specdec[demo]" ({error})', file=sys.stderr)
+            return 2
+        return run_demo_command(args)
     return 2
 
 

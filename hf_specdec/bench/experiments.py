@@ -1,0 +1,151 @@
+"""Experiments by name: each expands into methods (rows of the report) for one pair.
+
+    plain        target.generate, the baseline of every speed-up (one row per decoding and batch size used)
+    assisted     transformers' own assisted generation with the first plain-model drafter (batch 1)
+    chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1)
+    ngram        prompt-lookup drafting (batch 1)
+    gamma-sweep  the first drafter's chains at each of `draft_lengths` (batch 1, τ vs γ)
+    batch-sweep  plain and the first drafter's chains at each of `batch_sizes` (greedy; throughput vs batch)
+    sorted       SD2 self-speculation on the target's own first layers (`sorted_exits`): each exit, adaptive,
+                 chain and tree
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..drafters import NGramDrafter, SortedDrafter, TreeConfig
+from .pairs import Pair
+
+EXPERIMENTS = ("plain", "assisted", "chain", "tree", "ngram", "gamma-sweep", "batch-sweep", "sorted")
+DEFAULT_EXPERIMENTS = ("plain", "assisted", "chain", "tree", "ngram", "gamma-sweep", "batch-sweep")
+
+
+@dataclass
+class Method:
+    """One row: how to generate one batch, and what the row is compared with."""
+
+    experiment: str
+    decoding: str  # "greedy" or "sample"
+    generate: Callable[[dict, int], tuple[torch.Tensor, object]]  # (batch, max_new_tokens) -> (sequences, stats)
+    drafter: str | None = None
+    batch_size: int = 1
+    num_draft_tokens: int | None = None
+    tree: tuple[int, int, int] | None = None
+    label: str | None = None  # shown in tables; defaults to experiment[drafter]
+    draft_model: torch.nn.Module | None = None  # a separate draft model: c is measurable, the formula applies
+    meter_draft: bool = False  # transformers' assisted generation reports no stats: count forwards with hooks
+
+    @property
+    def key(self) -> tuple:
+        return (self.experiment, self.drafter, self.batch_size, self.decoding, self.num_draft_tokens, self.label)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        name = self.experiment if self.drafter is None else f"{self.experiment}[{self.drafter}]"
+        return f"{name} γ={self.num_draft_tokens}" if self.experiment == "gamma-sweep" else name
+
+    @property
+    def has_formula(self) -> bool:
+        return self.draft_model is not None and self.num_draft_tokens is not None and self.tree is None
+
+
+def build_methods(config, pair: Pair) -> list[Method]:
+    """Every row the config's experiments give for this pair, plain baselines first."""
+    unknown = set(config.experiments) - set(EXPERIMENTS)
+    if unknown:
+        raise ValueError(f"Unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}.")
+    target, gamma, tree = pair.target, config.num_draft_tokens, config.tree_config
+    wanted = set(config.experiments)
+
+    def sampling_kwargs(decoding: str) -> dict:
+        return dict(do_sample=True, temperature=config.temperature) if decoding == "sample" else dict(do_sample=False)
+
+    def plain(decoding):
+        def run(batch, max_new_tokens):
+            return target.generate(**batch, max_new_tokens=max_new_tokens, **sampling_kwargs(decoding)), None
+
+        return run
+
+    def speculative(make_drafter, decoding):
+        def run(batch, max_new_tokens):
+            out = target.generate(**batch, assistant_model=make_drafter(), max_new_tokens=max_new_tokens,
+                                  return_dict_in_generate=True, **sampling_kwargs(decoding))
+            return out.sequences, out.spec_stats
+
+        return run
+
+    def assisted(draft_model, decoding):
+        def run(batch, max_new_tokens):
+            # transformers reads these from the assistant's generation_config, not from generate() kwargs
+            draft_model.generation_config.num_assistant_tokens = gamma
+            draft_model.generation_config.num_assistant_tokens_schedule = "constant"
+            draft_model.generation_config.assistant_confidence_threshold = 0.0
+            sequences = target.generate(**batch, assistant_model=draft_model, max_new_tokens=max_new_tokens,
+                                        **sampling_kwargs(decoding))
+            return sequences, None
+
+        return run
+
+    def drafter_method(experiment, spec, decoding, num_draft_tokens=gamma, tree_config=None, batch_size=1):
+        separate = spec.kind != "sorted"  # a sorted drafter's cost depends on the exits it takes
+        return Method(experiment, decoding, speculative(lambda: spec.make(num_draft_tokens, tree_config), decoding),
+                      drafter=spec.name, batch_size=batch_size, num_draft_tokens=num_draft_tokens,
+                      tree=None if tree_config is None else tuple(config.tree),
+                      draft_model=spec.model if separate else None)
+
+    methods: list[Method] = []
+    primary = pair.drafters[0] if pair.drafters else None
+    plain_models = [spec for spec in pair.drafters if spec.kind == "model"]
+    for decoding in config.decodings:
+        methods.append(Method("plain", decoding, plain(decoding)))
+        if "assisted" in wanted and plain_models:
+            methods.append(Method("assisted", decoding, assisted(plain_models[0].model, decoding),
+                                  drafter=plain_models[0].name, num_draft_tokens=gamma,
+                                  draft_model=plain_models[0].model, meter_draft=True))
+        for spec in pair.drafters:
+            if "chain" in wanted:
+                methods.append(drafter_method("chain", spec, decoding))
+            if "tree" in wanted:
+                methods.append(drafter_method("tree", spec, decoding, tree_config=tree))
+        if "ngram" in wanted:
+            methods.append(Method("ngram", decoding, speculative(
+                lambda: NGramDrafter(max_ngram=config.ngram_size, num_draft_tokens=gamma), decoding)))
+        if "gamma-sweep" in wanted and primary is not None:
+            methods += [drafter_method("gamma-sweep", primary, decoding, num_draft_tokens=length)
+                        for length in config.draft_lengths]
+        if "sorted" in wanted and config.sorted_exits:
+            methods += sorted_methods(config, target, speculative, decoding)
+    if "batch-sweep" in wanted:
+        for size in config.batch_sizes:
+            if size > 1:
+                methods.append(Method("plain", "greedy", plain("greedy"), batch_size=size))
+                if primary is not None:
+                    methods.append(drafter_method("chain", primary, "greedy", batch_size=size))
+    return methods
+
+
+def sorted_methods(config, target, speculative, decoding: str) -> list[Method]:
+    """SD2 rows: each fixed exit, adaptive exits, chain and tree, drafting with the target's own first layers.
+    The formula's c (a separate draft model's cost) does not apply, so these rows have no theory column."""
+    exits = list(config.sorted_exits)
+    thresholds = list(config.sorted_thresholds) or [0.7] * (len(exits) - 1)
+    gamma, _tree = config.num_draft_tokens, config.tree_config
+
+    def row(label, tree_config=None, **kwargs):
+        def make():
+            return SortedDrafter.from_target(target, num_draft_tokens=gamma, tree=tree_config, **kwargs)
+
+        return Method("sorted", decoding, speculative(make, decoding), num_draft_tokens=gamma, label=label,
+                      tree=None if tree_config is None else tuple(config.tree))
+
+    rows = [row(f"sorted exit {e}", exits=[e]) for e in exits]
+    rows.append(row(f"sorted adaptive {exits}", exits=exits, thresholds=thresholds))
+    rows.append(row(f"sorted tree exit {exits[-1]}", TreeConfig(*config.tree), exits=[exits[-1]]))
+    rows.append(row(f"sorted tree adaptive {exits}", TreeConfig(*config.tree), exits=exits, thresholds=thresholds))
+    return rows

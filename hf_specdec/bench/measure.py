@@ -1,0 +1,146 @@
+"""Timing and the speed-up formula: forward meters, per-step costs, E[τ] and the theoretical speed-up."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+from typing_extensions import Self
+
+from .. import testing
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardMeter:
+    """Counts and times the top-level forward calls of some models (for methods that report no SpecStats)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]):
+        self.models = models
+        self.calls = dict.fromkeys(models, 0)
+        self.seconds = dict.fromkeys(models, 0.0)
+        self._handles, self._started = [], {}
+
+    def __enter__(self) -> Self:
+        for name, model in self.models.items():
+            self._handles.append(model.register_forward_pre_hook(self._start(name)))
+            self._handles.append(model.register_forward_hook(self._stop(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _start(self, name):
+        def hook(module, args):
+            synchronize(module.device)
+            self._started[name] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name):
+        def hook(module, args, output):
+            synchronize(module.device)
+            self.calls[name] += 1
+            self.seconds[name] += time.perf_counter() - self._started[name]
+
+        return hook
+
+
+@torch.no_grad()
+def measure_step_costs(target, draft, num_verify_tokens: int, context_length: int = 32, steps: int = 12) -> dict:
+    """Median seconds of one cached decoding step of each model, and of a `num_verify_tokens`-token target forward.
+
+    c = draft step / target step enters the theoretical speedup; `verify_cost_ratio` (a γ+1-token target forward
+    over a one-token one) says how far the formula's "verification costs one step" assumption holds here.
+    """
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    context = torch.randint(testing.FIRST_ORDINARY_TOKEN_ID, vocab, (1, context_length), generator=generator)
+
+    def forward_seconds(model, width: int) -> float:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(context.to(model.device), past_key_values=cache, use_cache=True)
+        tokens = context[:, :width].to(model.device)
+        timings = []
+        for _ in range(steps + 2):  # the first two are warm-up
+            synchronize(model.device)
+            start = time.perf_counter()
+            model(tokens, past_key_values=cache, use_cache=True)
+            synchronize(model.device)
+            timings.append(time.perf_counter() - start)
+            cache.crop(-width)
+        return statistics.median(timings[2:])
+
+    target_step, draft_step = forward_seconds(target, 1), forward_seconds(draft, 1)
+    verify = forward_seconds(target, num_verify_tokens)
+    return dict(target_step_seconds=target_step, draft_step_seconds=draft_step, cost_ratio=draft_step / target_step,
+                verify_seconds=verify, verify_cost_ratio=verify / target_step)
+
+
+def expected_tokens_per_round(acceptance_rate: float, num_draft_tokens: int) -> float:
+    """E[τ] = (1 − α^(γ+1)) / (1 − α) for i.i.d. per-token acceptance α (Leviathan et al. 2023)."""
+    alpha, gamma = acceptance_rate, num_draft_tokens
+    return gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def theoretical_speedup(acceptance_rate: float, num_draft_tokens: int, cost_ratio: float,
+                        verify_cost: float = 1.0) -> float:
+    """Expected walltime improvement `(1 − α^(γ+1)) / ((1 − α)(γc + 1))` (Leviathan et al. 2023).
+
+    `verify_cost` (a γ+1-token target forward in target steps) replaces the formula's assumption that it is 1.
+    """
+    return expected_tokens_per_round(acceptance_rate, num_draft_tokens) / (num_draft_tokens * cost_ratio + verify_cost)
+
+
+def per_token_acceptance(mean_accepted_length: float, num_draft_tokens: int) -> float:
+    """The per-token α whose E[τ] equals the measured τ.
+
+    The formula's α is the chance that one draft token is accepted given the ones before it were. Accepted/drafted
+    is smaller (tokens drafted after a rejection count as drafted, never as accepted: with α = 0.9 and γ = 6 it is
+    0.70), so plugging it in would understate the theory. E[τ] increases with α, so bisection inverts it.
+    """
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if expected_tokens_per_round(middle, num_draft_tokens) < mean_accepted_length \
+            else (low, middle)
+    return (low + high) / 2
+
+
+def machine_description(device: str) -> dict:
+    import transformers
+
+    description = dict(
+        platform=platform.platform(), processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+        transformers=transformers.__version__, python=platform.python_version(), device=device,
+        load_average_start=load_average(),
+    )
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def load_average() -> list[float] | None:
+    """Other processes skew every timing; the load average says how busy the machine was."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Linear-interpolated percentile (fraction in [0, 1]) of a non-empty list."""
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

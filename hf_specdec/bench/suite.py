@@ -1,0 +1,344 @@
+"""The benchmark suite: every experiment on every prompt, side by side in one process.
+
+Per pair: warm every method up, then time `repeats` passes of all methods interleaved (background load drifts hit
+every method alike), each prompt (or batch) timed on its own so latency percentiles and per-category numbers come
+from the same runs. A batch's time is its median over the repeats; a row's tokens/s is Σ tokens / Σ times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from .. import testing
+from ..drafters import TreeConfig
+from .experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS, Method, build_methods
+from .measure import (
+    DTYPES,
+    ForwardMeter,
+    load_average,
+    machine_description,
+    measure_step_costs,
+    per_token_acceptance,
+    percentile,
+    synchronize,
+    theoretical_speedup,
+)
+from .pairs import Pair, iterate_pairs, lab_checkpoints
+from .prompts import BUILTIN_CATEGORIES, Prompt, encode, left_padded_batches, load_prompts
+
+QUICK_PAIR = dict(hidden_size=64, num_layers=4, draft_layers=1, vocab_size=512, intermediate_size=128, num_heads=4,
+                  num_kv_heads=2)
+
+
+@dataclass
+class SuiteConfig:
+    """What to run. Defaults: the synthetic ~206M pair at agreement 0.9, 2 prompts of each built-in category.
+    `quick()` gives a tiny pair and sizes for smoke tests."""
+
+    target: str | None = None  # Hub name or local dir; None = the synthetic pair (or the lab's, with `lab`)
+    drafters: dict[str, str] = field(default_factory=dict)  # name -> Hub name / local dir
+    lab: str | None = None  # a recipes/lab.py output dir: its target and every drafter it trained
+    prompts: tuple[str, ...] = BUILTIN_CATEGORIES  # built-in category names and/or JSONL paths
+    prompts_per_category: int | None = 2
+    max_prompt_tokens: int = 512  # prompts keep their last this-many tokens
+    experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS
+    decodings: tuple[str, ...] = ("greedy", "sample")
+    temperature: float = 1.0
+    agreements: tuple[float, ...] = (0.9,)  # synthetic pair only
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_draft_tokens: int = 6
+    draft_lengths: tuple[int, ...] = (1, 2, 4, 8)  # gamma-sweep
+    batch_sizes: tuple[int, ...] = (1, 4, 8)  # batch-sweep
+    tree: tuple[int, int, int] = (5, 4, 24)  # depth, top_k, max_nodes
+    ngram_size: int = 3
+    max_new_tokens: int = 32
+    repeats: int = 2
+    warmup: int = 1
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
+    sorted_exits: tuple[int, ...] = ()
+    sorted_thresholds: tuple[float, ...] = ()
+    pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
+
+    @classmethod
+    def quick(cls, **overrides) -> SuiteConfig:
+        tiny = dict(prompts_per_category=1, max_prompt_tokens=48, max_new_tokens=12, num_draft_tokens=3,
+                    draft_lengths=(1, 4), batch_sizes=(1, 4), tree=(3, 2, 6), repeats=1, pair_shape=dict(QUICK_PAIR))
+        return cls(**{**tiny, **overrides})
+
+    def __post_init__(self):
+        self.prompts, self.experiments, self.decodings = tuple(self.prompts), tuple(self.experiments), \
+            tuple(self.decodings)
+        if self.lab is not None:
+            if self.target is not None:
+                raise ValueError("Pass either --lab or --target, not both.")
+            self.target, lab_drafters = lab_checkpoints(self.lab)
+            self.drafters = {**lab_drafters, **self.drafters}
+        if self.target is not None and not self.drafters and set(self.experiments) - {"plain", "ngram", "sorted"}:
+            raise ValueError(f"Experiments {sorted(set(self.experiments) - {'plain', 'ngram', 'sorted'})} need a "
+                             "drafter: pass --draft (or --drafter NAME=PATH), or run only plain/ngram/sorted.")
+        if unknown := set(self.experiments) - set(EXPERIMENTS):
+            raise ValueError(f"Unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}.")
+        if "sorted" in self.experiments and not self.sorted_exits:
+            raise ValueError("The sorted experiment needs --sorted-exits (e.g. 1,2,4).")
+        if bad := set(self.decodings) - {"greedy", "sample"}:
+            raise ValueError(f"decodings must be greedy and/or sample, got {sorted(bad)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.repeats < 1 or self.warmup < 0 or self.max_new_tokens < 2 or self.max_prompt_tokens < 1:
+            raise ValueError("Need repeats >= 1, warmup >= 0, max_new_tokens >= 2 and max_prompt_tokens >= 1.")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (greedy decoding is the 'greedy' decoding).")
+        if min(self.batch_sizes) < 1 or min(self.draft_lengths) < 1:
+            raise ValueError("batch sizes and draft lengths must be >= 1.")
+        TreeConfig(*self.tree)  # fail on bad tree sizes before any model is built
+
+    @property
+    def tree_config(self) -> TreeConfig:
+        return TreeConfig(*self.tree)
+
+
+@dataclass
+class BatchRun:
+    """One timed generate() call."""
+
+    wall_seconds: float
+    sequences: torch.Tensor  # [batch, new tokens] (on the CPU)
+    new_tokens: int  # generated tokens up to and including EOS
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    model_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    accepted_length_counts: list[int] = field(default_factory=list)
+    exit_counts: dict[int, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_suite(config: SuiteConfig, show_progress: bool = True) -> dict:
+    """Run everything `config` asks for; return a JSON-ready report (see `report.format_suite_report`)."""
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    machine = machine_description(config.device)
+    prompts = load_prompts(config.prompts, config.prompts_per_category)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' assisted generation warns about its own internal kwargs
+    pairs = []
+    try:
+        for pair in iterate_pairs(config):
+            with torch.no_grad():
+                pairs.append(bench_pair(config, pair, prompts, show_progress))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
+    machine["load_average_end"] = load_average()
+    categories = list(dict.fromkeys(prompt.category for prompt in prompts))
+    return dict(config=asdict(config), machine=machine, categories=categories,
+                prompts=[dict(id=p.id, category=p.category) for p in prompts], pairs=pairs,
+                wall_seconds=time.perf_counter() - started)
+
+
+def bench_pair(config: SuiteConfig, pair: Pair, prompts: list[Prompt], show_progress: bool) -> dict:
+    methods = build_methods(config, pair)
+    token_lists = [encode(prompt, pair.tokenizer, config.max_prompt_tokens) for prompt in prompts]
+    batches = {size: left_padded_batches(token_lists, size, pair.pad_token_id, pair.target.device)
+               for size in {method.batch_size for method in methods}}
+    eos = _eos_ids(pair.target)
+    progress = tqdm(total=len(methods) * (config.warmup + config.repeats), desc=f"bench {_pair_name(pair)}",
+                    unit="run", disable=not show_progress)
+    for _ in range(config.warmup):  # allocator, kernels, lazy inits
+        for method in methods:
+            progress.set_postfix_str(f"warm-up {method.name} bs={method.batch_size}")
+            method.generate(batches[method.batch_size][0], min(8, config.max_new_tokens))
+            progress.update()
+    runs: dict[tuple, list[list[BatchRun]]] = {method.key: [] for method in methods}
+    for _ in range(config.repeats):
+        for method in methods:
+            progress.set_postfix_str(f"{method.name} {method.decoding} bs={method.batch_size}")
+            runs[method.key].append(time_method(method, batches[method.batch_size], config, pair, eos))
+            progress.update()
+    progress.close()
+    costs = _step_costs(methods, pair.target)
+    rows = [summarize_method(method, methods, runs, prompts, costs) for method in methods]
+    return dict(**pair.description, target_parameters=_parameters(pair.target),
+                target_step_seconds=next(iter(costs.values()), {}).get("target_step_seconds"),
+                drafters={spec.name: dict(kind=spec.kind, parameters=_parameters(spec.model),
+                                          **_drafter_costs(costs, spec.model)) for spec in pair.drafters},
+                rows=rows)
+
+
+def time_method(method: Method, batches: list[dict], config: SuiteConfig, pair: Pair, eos) -> list[BatchRun]:
+    results = []
+    models = {"target": pair.target}
+    if method.meter_draft:
+        models["draft"] = method.draft_model
+    for index, batch in enumerate(batches):
+        torch.manual_seed(config.seed + index)  # sampling draws the same random numbers in every repeat
+        with ForwardMeter(models) as meter:
+            synchronize(pair.target.device)
+            start = time.perf_counter()
+            sequences, stats = method.generate(batch, config.max_new_tokens)
+            synchronize(pair.target.device)
+            wall = time.perf_counter() - start
+        new = sequences[:, batch["input_ids"].shape[1] :].cpu()
+        results.append(_batch_run(wall, new, _generated_tokens(new, eos), stats, meter))
+    return results
+
+
+def _batch_run(wall, sequences, new_tokens, stats, meter) -> BatchRun:
+    if stats is not None:  # hf_specdec reports its own counts and times
+        return BatchRun(wall, sequences, new_tokens, drafted=int(stats.drafted.sum()),
+                        accepted=int(stats.accepted.sum()), rounds=int(stats.rounds.sum()),
+                        model_seconds=stats.model_seconds, engine_seconds=stats.wall_seconds,
+                        accepted_length_counts=list(stats.accepted_length_counts), exit_counts=dict(stats.exit_counts))
+    if "draft" not in meter.calls:  # plain generate
+        return BatchRun(wall, sequences, new_tokens, model_seconds=sum(meter.seconds.values()), engine_seconds=wall)
+    # transformers' assisted generation: one target forward per round (its prefill included, as a round that
+    # accepted nothing), one draft forward per drafted token
+    rounds, drafted = meter.calls["target"], meter.calls["draft"]
+    return BatchRun(wall, sequences, new_tokens, drafted=drafted, accepted=max(new_tokens - rounds, 0), rounds=rounds,
+                    model_seconds=sum(meter.seconds.values()), engine_seconds=wall)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+
+
+def _generated_tokens(sequences: torch.Tensor, eos: set[int]) -> int:
+    """Tokens generated per row up to and including its first EOS (the rest is padding)."""
+    if not eos:
+        return sequences.numel()
+    is_eos = torch.isin(sequences, torch.tensor(sorted(eos)))
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(sequences[:, 0], sequences.shape[1]))
+    return int(first.sum())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------------------------
+
+
+def summarize_method(method: Method, methods: list[Method], runs: dict, prompts: list[Prompt], costs: dict) -> dict:
+    """Overall and per-category numbers of one method (per category for batch size 1 only)."""
+    plain = _plain_for(method, methods)
+    mine, baseline = runs[method.key], runs[plain.key] if plain else None
+    groups = {"overall": range(len(mine[0]))}
+    if method.batch_size == 1:
+        for category in dict.fromkeys(prompt.category for prompt in prompts):
+            groups[category] = [i for i, prompt in enumerate(prompts) if prompt.category == category]
+    cost = costs.get((id(method.draft_model), method.num_draft_tokens)) if method.has_formula else None
+    stats = {name: _group_stats(method, mine, baseline, list(indices), cost) for name, indices in groups.items()}
+    first = mine[0]
+    row = dict(experiment=method.experiment, name=method.name, drafter=method.drafter, batch_size=method.batch_size,
+               decoding=method.decoding, num_draft_tokens=method.num_draft_tokens,
+               tree=None if method.tree is None else list(method.tree), overall=stats.pop("overall"),
+               categories=stats, accepted_length_counts=_sum_lists(run.accepted_length_counts for run in first))
+    exits = _sum_dicts(run.exit_counts for run in first)
+    if exits:
+        row["exit_counts"] = {str(layer): count for layer, count in sorted(exits.items())}
+    return row
+
+
+def _plain_for(method: Method, methods: list[Method]) -> Method | None:
+    for other in methods:
+        if other.experiment == "plain" and (other.decoding, other.batch_size) == (method.decoding, method.batch_size):
+            return other
+    return None
+
+
+def _group_stats(method: Method, mine: list[list[BatchRun]], baseline, indices: list[int], cost) -> dict:
+    walls = [statistics.median(repeat[i].wall_seconds for repeat in mine) for i in indices]
+    first = [mine[0][i] for i in indices]
+    tokens = sum(run.new_tokens for run in first)
+    tokens_per_second = tokens / sum(walls)
+    speedup = None
+    if baseline is not None:
+        plain_walls = [statistics.median(repeat[i].wall_seconds for repeat in baseline) for i in indices]
+        speedup = tokens_per_second / (sum(baseline[0][i].new_tokens for i in indices) / sum(plain_walls))
+    drafted, accepted, rounds = (sum(getattr(run, name) for run in first) for name in ("drafted", "accepted", "rounds"))
+    speculative = method.experiment != "plain"
+    tau = (accepted + rounds) / rounds if speculative and rounds else None
+    stats = dict(
+        new_tokens=tokens, wall_seconds=sum(walls), tokens_per_second=tokens_per_second, speedup=speedup,
+        acceptance_rate=accepted / drafted if speculative and drafted else None, mean_accepted_length=tau,
+        drafted=drafted, accepted=accepted, rounds=rounds,
+        latency_p50=percentile(walls, 0.5), latency_p95=percentile(walls, 0.95),
+        equal_to_plain=_equal_to_plain(method, first, baseline, indices),
+        loop_efficiency=_ratio(sum(r.model_seconds for r in first), sum(r.engine_seconds for r in first)),
+        per_token_acceptance=None, theoretical_speedup=None, theoretical_speedup_with_verify_cost=None,
+    )
+    if cost is not None and tau is not None:
+        gamma = method.num_draft_tokens
+        alpha = per_token_acceptance(tau, gamma)  # the i.i.d. α whose E[τ] is the measured τ
+        stats.update(per_token_acceptance=alpha,
+                     theoretical_speedup=theoretical_speedup(alpha, gamma, cost["cost_ratio"]),
+                     theoretical_speedup_with_verify_cost=theoretical_speedup(alpha, gamma, cost["cost_ratio"],
+                                                                              cost["verify_cost_ratio"]))
+    return stats
+
+
+def _equal_to_plain(method: Method, first: list[BatchRun], baseline, indices: list[int]) -> bool | None:
+    if method.decoding != "greedy" or baseline is None:
+        return None  # sampled outputs are checked statistically by the test suite, not here
+    return all(torch.equal(run.sequences, baseline[0][i].sequences) for run, i in zip(first, indices))
+
+
+def _step_costs(methods: list[Method], target) -> dict:
+    """c and the verify cost of every (draft model, γ) whose rows use the speed-up formula."""
+    costs = {}
+    for method in methods:
+        key = (id(method.draft_model), method.num_draft_tokens)
+        if method.has_formula and key not in costs:
+            costs[key] = measure_step_costs(target, method.draft_model, num_verify_tokens=method.num_draft_tokens + 1)
+    return costs
+
+
+def _drafter_costs(costs: dict, model) -> dict:
+    for (model_id, gamma), cost in sorted(costs.items(), key=lambda item: item[0][1]):
+        if model_id == id(model):
+            return dict(draft_step_seconds=cost["draft_step_seconds"], cost_ratio=cost["cost_ratio"],
+                        verify_cost_ratio={str(g): c["verify_cost_ratio"] for (m, g), c in costs.items()
+                                           if m == model_id})
+    return {}
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _sum_lists(lists) -> list[int]:
+    total: list[int] = []
+    for values in lists:
+        total.extend([0] * (len(values) - len(total)))
+        total = [a + b for a, b in zip(total, values)] + total[len(values):]
+    return total
+
+
+def _sum_dicts(dicts) -> dict:
+    total: dict = {}
+    for values in dicts:
+        for key, count in values.items():
+            total[key] = total.get(key, 0) + count
+    return total
+
+
+def _parameters(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _pair_name(pair: Pair) -> str:
+    return f"synthetic {pair.description['agreement']}" if pair.description["pair"] == "synthetic" else "pair"
