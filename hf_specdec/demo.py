@@ -7,8 +7,8 @@ whether both outputs are identical (they must be: decoding is lossless).
 
 Offline it serves the synthetic pair (`hf_specdec.testing.build_synthetic_pair`), the lab's pair (`--lab DIR`,
 written by `recipes/lab.py`) or any target/draft checkpoints (`--target`, `--draft`); every target also gets an
-n-gram drafter. Models load on first use and stay cached. Gradio is imported only when the page is built (extra
-`demo`). Usage: docs/demo.md.
+n-gram drafter. Models load on first use and stay cached. Gradio (extra `demo`) is imported only when the page
+is built. Usage: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .drafters import ModelDrafter, NGramDrafter
+from .drafters.loading import drafter_kind, load_drafter
+from .testing import DEFAULT_PAIR_SHAPE, SyntheticTokenizer, build_synthetic_pair
 
 TITLE = "hf_specdec — speculative decoding, live"
 DEFAULT_PROMPT = "Speculative decoding: a small model drafts, the large model verifies. "
@@ -79,24 +84,22 @@ class Transcript:
         if self.started is None:  # the prompt
             self.started = time.perf_counter()
             return
-        self._append(value.reshape(-1).tolist(), num_from_draft=0)
+        self._append(value.reshape(-1).tolist())
 
     def put_speculative(self, tokens: torch.Tensor, num_from_draft: int, num_drafted: int) -> None:
         # the first call carries the prefill's token; every later call is one verification round
-        is_round = bool(self.tokens)
-        with self._lock:
-            self.rounds += is_round
-            self.drafted += num_drafted
-            self.accepted += num_from_draft
-        self._append(tokens.tolist(), num_from_draft)
+        self._append(tokens.tolist(), num_from_draft, num_drafted, is_round=bool(self.tokens))
 
     def end(self) -> None:
         """Nothing to do: the worker thread signals the end, errors included (see `stream_generate`)."""
 
-    def _append(self, tokens: list[int], num_from_draft: int) -> None:
+    def _append(self, tokens: list[int], num_from_draft: int = 0, num_drafted: int = 0, is_round: bool = False):
         if self.cancelled:  # unwinds generate() in its thread
             raise GenerationCancelled
         with self._lock:
+            self.rounds += is_round
+            self.drafted += num_drafted
+            self.accepted += num_from_draft
             self._extend(tokens[:num_from_draft], from_draft=True)
             self._extend(tokens[num_from_draft:], from_draft=False)
             self.last = time.perf_counter()
@@ -282,8 +285,6 @@ class Catalog:
 
 
 def _ngram_drafter(loaded: LoadedTarget, num_draft_tokens: int):
-    from .drafters import NGramDrafter
-
     return NGramDrafter(max_ngram=3, num_draft_tokens=num_draft_tokens)
 
 
@@ -291,8 +292,6 @@ def _checkpoint_drafter(path: str, **model_kwargs) -> DrafterFactory:
     """A drafter saved at `path` (plain, sorted or guided), its weights loaded once."""
 
     def make(loaded: LoadedTarget, num_draft_tokens: int):
-        from .drafters.loading import load_drafter
-
         drafter = load_drafter(path, num_draft_tokens=num_draft_tokens, model=loaded.drafter_models.get(path),
                                **model_kwargs)
         loaded.drafter_models[path] = drafter.model.to(loaded.model.device)
@@ -303,8 +302,6 @@ def _checkpoint_drafter(path: str, **model_kwargs) -> DrafterFactory:
 
 def synthetic_options(agreements, *, quick: bool, dtype: torch.dtype, device: str) -> dict[str, TargetOption]:
     """One target per agreement rate: the synthetic pair's random Llama, with its draft and an n-gram drafter."""
-    from .testing import DEFAULT_PAIR_SHAPE
-
     shape = QUICK_SHAPE if quick else DEFAULT_PAIR_SHAPE
     size = "tiny" if quick else "206M"
     layers = shape["draft_layers"]
@@ -312,16 +309,12 @@ def synthetic_options(agreements, *, quick: bool, dtype: torch.dtype, device: st
 
     def loader(agreement: float) -> Callable[[], LoadedTarget]:
         def load() -> LoadedTarget:
-            from .testing import SyntheticTokenizer, build_synthetic_pair
-
             target, draft = build_synthetic_pair(agreement, seed=0, dtype=dtype, device=device, **shape)
             return LoadedTarget(target, SyntheticTokenizer(shape["vocab_size"]), {"draft": draft})
 
         return load
 
     def draft_drafter(loaded: LoadedTarget, num_draft_tokens: int):
-        from .drafters import ModelDrafter
-
         return ModelDrafter(loaded.drafter_models["draft"], num_draft_tokens=num_draft_tokens)
 
     return {f"synthetic {agreement:g} ({size})": TargetOption(loader(agreement), {draft_name: draft_drafter,
@@ -331,8 +324,6 @@ def synthetic_options(agreements, *, quick: bool, dtype: torch.dtype, device: st
 
 def _pretrained_loader(path: str, *, dtype: torch.dtype, device: str) -> Callable[[], LoadedTarget]:
     def load() -> LoadedTarget:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         return LoadedTarget(model, AutoTokenizer.from_pretrained(path))
 
@@ -341,8 +332,6 @@ def _pretrained_loader(path: str, *, dtype: torch.dtype, device: str) -> Callabl
 
 def lab_options(directory: str | Path, *, dtype: torch.dtype, device: str) -> dict[str, TargetOption]:
     """`DIR/target/` (model + tokenizer) with every drafter saved under `DIR/drafters/<name>/`, plus n-gram."""
-    from .drafters.loading import drafter_kind
-
     directory = Path(directory)
     if not (directory / "target" / "config.json").is_file():
         raise ValueError(f"{directory} is not a lab directory: {directory / 'target' / 'config.json'} is missing "
@@ -497,10 +486,16 @@ def build_app(catalog: Catalog, *, num_draft_tokens: int = 5, max_new_tokens: in
     return app
 
 
-def launch(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
-    """Serve the page; `block=False` returns at once (tests), the caller then owns `app.close()`."""
-    return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, css=CSS,
-                      ssr_mode=False, quiet=not block, footer_links=[])
+def launch(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True) -> str:
+    """Serve the page and return its local URL; `block=True` serves until Ctrl-C, `block=False` returns at once
+    (tests: the caller then owns `app.close()`)."""
+    # quiet: Gradio's own banner would suggest `share=True` in launch(); here it is --share
+    _, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                                         quiet=True, css=CSS, ssr_mode=False, footer_links=[])
+    if block:
+        print(f"hf-specdec demo: {local_url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
+        app.block_thread()
+    return local_url
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -521,9 +516,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     page = parser.add_argument_group("page")
     page.add_argument("--num-draft-tokens", type=int, default=5, help="initial draft length γ (1-12)")
     page.add_argument("--max-new-tokens", type=int, default=64, help="initial max new tokens")
-    page.add_argument("--threads", type=int, help="torch intra-op threads [1 with --quick, else torch's default]")
+    page.add_argument("--threads", type=int, help="torch intra-op threads (unset: 1 with --quick, else torch's default)")
     page.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
-    page.add_argument("--port", type=int, help="port [Gradio's default, 7860, or the next free one]")
+    page.add_argument("--port", type=int, help="port (unset: 7860 or the next free one)")
     page.add_argument("--share", action="store_true", help="also open a temporary public Gradio link")
 
 

@@ -245,7 +245,7 @@ def served_page():
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     app = demo.build_app_from_args(demo_args("--quick", "--agreement", "0.9"))
-    _, url, _ = demo.launch(app, port=free_port(), block=False)
+    url = demo.launch(app, port=free_port(), block=False)
     try:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
