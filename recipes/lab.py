@@ -1,0 +1,978 @@
+"""The lab: a reproducible comparison of drafter training methods, from local text only.
+
+From a directory of text (by default the Python standard library's source on this machine) it builds, in order:
+
+1. `corpus/`    the files, split into train / held-out by a hash of each file's relative path;
+2. `tokenizer/` a byte-level BPE tokenizer trained on the train split;
+3. `data/`      train and held-out blocks of `block_length` tokens, and held-out prompts (`heldout.jsonl`);
+4. `target/`    a small Llama trained with a plain `Trainer` (causal LM loss) — the model to speed up;
+5. `drafters/<name>/`, all from the same initial draft weights (`init`, kept as a baseline row):
+   `sft` (cross-entropy on the text, no teacher), `distill-fkl` / `distill-tvd` (DistillTrainer, forward KL /
+   total variation against the target), `adaspec` (AdaSPECTrainer, k = 0.4, reference = `distill-fkl`, trained
+   `distill_fkl_steps / k` steps as the paper scales epochs), `distill-fkl-long` (forward KL for as many steps
+   as AdaSPEC: the compute-matched control) and `soft` (SoFTTrainer: the target's first layers, several exits).
+
+Each stage lives in its own folder with a `lab_stage.json` marker holding a hash of exactly the settings that
+determine it and the hashes of its inputs: a second run with the same settings reuses everything and only
+measures; a changed setting rebuilds that stage and what depends on it. Then it measures every drafter: held-out
+expected acceptance Σ min(p, q) and top-1 agreement against the target, and real speculative decoding through the
+benchmark suite (`hf_specdec.bench.run_suite`: plain / chain / tree × greedy / sampling on the held-out prompts),
+and writes `lab_report.md` / `lab_report.json`.
+
+    python recipes/lab.py --config recipes/configs/lab.yaml               # the full lab (~35 min on 2 CPU cores)
+    python recipes/lab.py --config recipes/configs/lab_tiny.yaml          # every stage at toy sizes (~1 min)
+    python recipes/lab.py --config recipes/configs/lab.yaml --text_dir ~/src/myproject --output_dir out/lab-mine
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` when imported from elsewhere (tests)
+
+from _common import heldout_acceptance, model_logits, parse_args
+
+from trainers.data import DraftDataCollator
+
+MARKER = "lab_stage.json"
+LAB_VERSION = 1  # bump when a stage's code changes what it produces, so old caches are rebuilt
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft")
+METHODS = {
+    "init": "untrained initial draft (baseline)",
+    "sft": "SFT: cross-entropy on the text, no teacher",
+    "distill-fkl": "DistillTrainer, forward KL (DistillSpec; AdaSPEC's reference)",
+    "distill-tvd": "DistillTrainer, total variation (DistillSpec)",
+    "adaspec": "AdaSPECTrainer, k = {k}, steps / k",
+    "distill-fkl-long": "DistillTrainer, forward KL, AdaSPEC's step count",
+    "soft": "SoFTTrainer: target's first {layers} layers, exits {exits}",
+}
+# Files whose first lines say they were generated (codec tables, parser tables, ...) teach nothing about code.
+GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|do not edit", re.IGNORECASE)
+PROMPT_START = re.compile(r"^\s*(async\s+def|def|class)\s", re.MULTILINE)
+
+
+@dataclass
+class LabArguments:
+    """Every setting of the lab. Sizes default to what trains in ~35 minutes on a 2-core CPU (see docs/lab.md)."""
+
+    # ----- text
+    text_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of text files to learn from. Default: the Python standard library's source "
+                  "(sysconfig.get_paths()['stdlib'])."},
+    )
+    file_glob: str = field(default="*.py", metadata={"help": "Which files under text_dir to read (recursively)."})
+    exclude_dirs: list[str] = field(
+        default_factory=lambda: ["site-packages", "dist-packages", "__pycache__"],
+        metadata={"help": "Skip files under a directory with one of these names (third-party packages)."},
+    )
+    max_file_kb: int = field(
+        default=256, metadata={"help": "Skip files larger than this (data tables, huge generated modules)."}
+    )
+    max_corpus_mb: float = field(
+        default=16.0,
+        metadata={"help": "Cap on the total text read; files are taken in a fixed pseudo-random order (hash of the "
+                  "relative path) until the cap."},
+    )
+    heldout_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of files held out (split by a hash of the relative path, so it is deterministic "
+                  "and a file is never in both splits). In (0, 1)."},
+    )
+    output_dir: str = field(default="out/lab", metadata={"help": "Where every stage and the report are written."})
+    # ----- tokenizer and data
+    vocab_size: int = field(default=4096, metadata={"help": "Byte-level BPE vocabulary size (incl. special tokens)."})
+    block_length: int = field(default=256, metadata={"help": "Tokens per training block (files are packed)."})
+    eval_blocks: int = field(
+        default=128, metadata={"help": "Held-out blocks used for the target's loss and the drafters' acceptance."}
+    )
+    num_prompts: int = field(default=32, metadata={"help": "Held-out prompts written to heldout.jsonl."})
+    prompt_min_tokens: int = field(default=48, metadata={"help": "Shortest held-out prompt, in tokens."})
+    prompt_max_tokens: int = field(default=96, metadata={"help": "Longest held-out prompt, in tokens."})
+    prompt_category: str = field(default="python", metadata={"help": "Category name of the held-out prompts."})
+    # ----- target
+    target_hidden_size: int = field(default=256, metadata={"help": "Target: hidden size."})
+    target_layers: int = field(default=4, metadata={"help": "Target: decoder layers."})
+    target_heads: int = field(default=4, metadata={"help": "Target: attention heads (as many KV heads)."})
+    target_intermediate_size: int = field(default=768, metadata={"help": "Target: MLP width."})
+    target_steps: int = field(default=400, metadata={"help": "Target: optimizer steps."})
+    target_max_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Target: stop training after this many minutes even before target_steps (then the result "
+                  "depends on the machine's speed)."},
+    )
+    target_learning_rate: float = field(default=3e-3, metadata={"help": "Target: peak learning rate (cosine)."})
+    batch_size: int = field(default=16, metadata={"help": "Blocks per optimizer step, for the target and drafters."})
+    # ----- drafters
+    drafters: list[str] = field(
+        default_factory=lambda: list(DRAFTERS),
+        metadata={"help": f"Which drafters to build and measure, from {list(DRAFTERS)}. `adaspec` also builds "
+                  "`distill-fkl` (its reference)."},
+    )
+    draft_hidden_size: int = field(default=128, metadata={"help": "Draft: hidden size."})
+    draft_layers: int = field(default=2, metadata={"help": "Draft: decoder layers."})
+    draft_heads: int = field(default=4, metadata={"help": "Draft: attention heads (as many KV heads)."})
+    draft_intermediate_size: int = field(default=384, metadata={"help": "Draft: MLP width."})
+    draft_learning_rate: float = field(default=3e-3, metadata={"help": "Drafters: peak learning rate (cosine)."})
+    sft_steps: int = field(default=150, metadata={"help": "`sft`: optimizer steps."})
+    distill_fkl_steps: int = field(default=150, metadata={"help": "`distill-fkl`: optimizer steps."})
+    distill_tvd_steps: int = field(default=150, metadata={"help": "`distill-tvd`: optimizer steps."})
+    distill_lmbda: float = field(
+        default=0.0,
+        metadata={"help": "On-policy fraction of the distillation drafters (DistillConfig.lmbda). 0 keeps every "
+                  "drafter on the same data, as AdaSPEC's DistillSpec baseline does; > 0 makes the first half of "
+                  "each block the prompt that on-policy samples continue."},
+    )
+    adaspec_k: float = field(default=0.4, metadata={"help": "`adaspec`: fraction of tokens trained on (paper: 0.4)."})
+    adaspec_steps: int | None = field(
+        default=None,
+        metadata={"help": "`adaspec`: optimizer steps. Default: distill_fkl_steps / k, as the paper trains its "
+                  "reference's epochs / k."},
+    )
+    soft_layers: int = field(default=2, metadata={"help": "`soft`: the draft is the target's first N layers."})
+    soft_exits: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "`soft`: exits to train."})
+    soft_exit_thresholds: list[float] = field(
+        default_factory=lambda: [0.7, 0.0],
+        metadata={"help": "`soft`: confidence thresholds per exit that the sorted drafter stops at (last: 0)."},
+    )
+    soft_steps: int = field(default=150, metadata={"help": "`soft`: optimizer steps."})
+    # ----- measuring
+    benchmark: bool = field(
+        default=True, metadata={"help": "Run the speculative-decoding benchmark (hf_specdec.bench.run_suite)."}
+    )
+    bench_prompts: int = field(default=16, metadata={"help": "Benchmark: held-out prompts used."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Benchmark: tokens generated per prompt."})
+    num_draft_tokens: int = field(default=4, metadata={"help": "Benchmark: draft length γ of chains."})
+    tree: list[int] = field(
+        default_factory=lambda: [4, 2, 12], metadata={"help": "Benchmark: tree depth, top_k, max_nodes."}
+    )
+    bench_repeats: int = field(default=2, metadata={"help": "Benchmark: timed repeats (the median is reported)."})
+    # ----- how to run
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Training precision: auto (bfloat16 mixed precision on a GPU that supports it, else "
+                  "float32), float32 or bfloat16.", "choices": ["auto", "float32", "bfloat16"]},
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's, one per core)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the models' initial weights, data order and prompts."})
+    force: bool = field(default=False, metadata={"help": "Rebuild every stage even when its cache is valid."})
+    logging_steps: int = field(default=25, metadata={"help": "Trainer logging interval (steps)."})
+
+    def __post_init__(self):
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be strictly between 0 and 1, got {self.heldout_fraction}.")
+        unknown = sorted(set(self.drafters) - set(DRAFTERS))
+        if unknown:
+            raise ValueError(f"Unknown drafters {unknown}; choose from {list(DRAFTERS)}.")
+        if not 0.0 < self.adaspec_k <= 1.0:
+            raise ValueError(f"adaspec_k must be in (0, 1], got {self.adaspec_k}.")
+        if not 1 <= self.soft_layers <= self.target_layers:
+            raise ValueError(f"soft_layers must be in 1..target_layers ({self.target_layers}), got {self.soft_layers}.")
+        if not self.soft_exits or self.soft_exits[-1] != self.soft_layers:
+            raise ValueError(f"soft_exits must end at soft_layers ({self.soft_layers}), got {self.soft_exits}.")
+        if len(self.soft_exit_thresholds) != len(self.soft_exits):
+            raise ValueError(f"soft_exit_thresholds needs one value per exit ({self.soft_exits}).")
+        if not 8 <= self.prompt_min_tokens <= self.prompt_max_tokens:
+            raise ValueError("Need 8 <= prompt_min_tokens <= prompt_max_tokens.")
+        if self.block_length < 16 or self.vocab_size < 300:
+            raise ValueError("Need block_length >= 16 and vocab_size >= 300 (256 bytes + special tokens + merges).")
+        if len(self.tree) != 3:
+            raise ValueError(f"tree is depth, top_k, max_nodes; got {self.tree}.")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+
+    @property
+    def resolved_text_dir(self) -> Path:
+        return Path(self.text_dir or sysconfig.get_paths()["stdlib"]).expanduser().resolve()
+
+    @property
+    def resolved_adaspec_steps(self) -> int:
+        return self.adaspec_steps or math.ceil(self.distill_fkl_steps / self.adaspec_k)
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+    @property
+    def bf16(self) -> bool:
+        if self.dtype == "auto":
+            return self.use_cuda and torch.cuda.is_bf16_supported()
+        return self.dtype == "bfloat16"
+
+    def wanted_drafters(self) -> list[str]:
+        wanted = set(self.drafters) | ({"distill-fkl"} if "adaspec" in self.drafters else set())
+        return [name for name in DRAFTERS if name in wanted]
+
+
+def log(message: str) -> None:
+    print(f"[lab {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----- stages and their cache ---------------------------------------------------------------------------------
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_stage(directory: Path, settings: dict, build: Callable[[Path], dict], force: bool = False) -> dict:
+    """Reuse `directory` if its marker's key matches `settings` (which include the keys of the stage's inputs);
+    otherwise empty it, `build(directory)` and write the marker last, so an interrupted build is never reused."""
+    key = digest({"lab_version": LAB_VERSION, **settings})
+    marker = directory / MARKER
+    if not force and marker.exists():
+        record = json.loads(marker.read_text())
+        if record.get("key") == key:
+            log(f"{directory.name}: cached (key {key}, built in {record['seconds']:.1f} s) — reused")
+            return {**record, "reused": True}
+    log(f"{directory.name}: building")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    start = time.perf_counter()
+    metrics = build(directory) or {}
+    seconds = time.perf_counter() - start
+    record = {"stage": directory.name, "key": key, "settings": settings, "seconds": round(seconds, 2),
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": metrics}
+    partial = directory / (MARKER + ".partial")
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, marker)
+    log(f"{directory.name}: built in {seconds:.1f} s (key {key})")
+    return {**record, "reused": False}
+
+
+# ----- stage 1: corpus ----------------------------------------------------------------------------------------
+
+
+def path_fraction(salt: str, relative: str) -> float:
+    """A number in [0, 1) fixed by the file's relative path: the same split on every machine and run."""
+    return int(hashlib.sha256(f"{salt}:{relative}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def select_files(args: LabArguments) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """`[(relative path, text)]` of the files the corpus uses, in cap order, and counts of what was skipped."""
+    root = args.resolved_text_dir
+    if not root.is_dir():
+        raise ValueError(f"text_dir {str(root)!r} is not a directory.")
+    skipped = {"excluded_dir": 0, "too_large": 0, "empty": 0, "not_utf8": 0, "generated": 0, "over_cap": 0}
+    candidates = []
+    for path in root.rglob(args.file_glob):
+        relative = path.relative_to(root).as_posix()
+        if not path.is_file():
+            continue
+        if any(part in args.exclude_dirs for part in path.relative_to(root).parts[:-1]):
+            skipped["excluded_dir"] += 1
+            continue
+        size = path.stat().st_size
+        if size > args.max_file_kb * 1024:
+            skipped["too_large"] += 1
+            continue
+        candidates.append(relative)
+    selected, total, cap = [], 0, args.max_corpus_mb * 1024 * 1024
+    for relative in sorted(candidates, key=lambda r: path_fraction("order", r)):
+        try:
+            text = (root / relative).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            skipped["not_utf8"] += 1
+            continue
+        if not text.strip():
+            skipped["empty"] += 1
+            continue
+        if GENERATED.search(text[:2048]):
+            skipped["generated"] += 1
+            continue
+        size = len(text.encode("utf-8"))
+        if total + size > cap:
+            skipped["over_cap"] += 1
+            continue
+        selected.append((relative, text))
+        total += size
+    if not selected:
+        raise ValueError(
+            f"No usable {args.file_glob!r} files under {str(root)!r} (skipped: {skipped}). Point --text_dir at a "
+            "directory with text files, or change --file_glob / --max_file_kb / --exclude_dirs."
+        )
+    return selected, skipped
+
+
+def split_corpus(args: LabArguments, files: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    splits = {"train": [], "heldout": []}
+    for relative, text in files:
+        splits["heldout" if path_fraction("heldout", relative) < args.heldout_fraction else "train"].append(
+            (relative, text)
+        )
+    for name, rows in splits.items():
+        if not rows:
+            raise ValueError(
+                f"The {name} split is empty ({len(files)} files, heldout_fraction={args.heldout_fraction}): use more "
+                "files or a heldout_fraction that leaves files on both sides."
+            )
+    return splits
+
+
+def corpus_stage(args: LabArguments) -> dict:
+    files, skipped = select_files(args)
+    content = hashlib.sha256()
+    for relative, text in files:
+        content.update(relative.encode() + b"\0" + text.encode("utf-8") + b"\0")
+    settings = {
+        "text_dir": str(args.resolved_text_dir), "file_glob": args.file_glob, "exclude_dirs": args.exclude_dirs,
+        "max_file_kb": args.max_file_kb, "max_corpus_mb": args.max_corpus_mb,
+        "heldout_fraction": args.heldout_fraction, "content": content.hexdigest()[:16],
+    }
+
+    def build(directory: Path) -> dict:
+        splits = split_corpus(args, files)
+        metrics = {"skipped": skipped}
+        for name, rows in splits.items():
+            with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as out:
+                for relative, text in rows:
+                    out.write(json.dumps({"path": relative, "text": text}) + "\n")
+            metrics[name] = {"files": len(rows), "megabytes": round(sum(len(t.encode()) for _, t in rows) / 2**20, 2)}
+        log(f"corpus: {metrics['train']} train, {metrics['heldout']} held out from {args.resolved_text_dir}")
+        return metrics
+
+    return run_stage(Path(args.output_dir) / "corpus", settings, build, args.force)
+
+
+def read_split(directory: Path, name: str) -> list[dict]:
+    with open(directory / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ----- stage 2: tokenizer -------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (every byte is a token, so any text round-trips), BOS prepended, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def tokenizer_stage(args: LabArguments, corpus: dict) -> dict:
+    settings = {"vocab_size": args.vocab_size, "corpus": corpus["key"]}
+
+    def build(directory: Path) -> dict:
+        texts = [row["text"] for row in read_split(Path(args.output_dir) / "corpus", "train")]
+        tokenizer = train_tokenizer(texts, args.vocab_size)
+        tokenizer.save_pretrained(directory)
+        return {"vocab_size": len(tokenizer)}
+
+    return run_stage(Path(args.output_dir) / "tokenizer", settings, build, args.force)
+
+
+def load_tokenizer(args: LabArguments):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(args.output_dir) / "tokenizer")
+
+
+# ----- stage 3: blocks and held-out prompts -------------------------------------------------------------------
+
+
+def pack_blocks(tokenizer, texts: list[str], block_length: int) -> torch.Tensor:
+    """Every file as BOS + tokens + EOS, concatenated and cut into `(n, block_length)` blocks (the tail dropped)."""
+    stream = []
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    usable = len(stream) // block_length * block_length
+    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, block_length)
+
+
+def heldout_prompts(args: LabArguments, tokenizer, rows: list[dict]) -> list[dict]:
+    """The beginnings of held-out code chunks: from a `def` / `class` line (any line for other text) of a held-out
+    file, `prompt_min_tokens`..`prompt_max_tokens` tokens, with enough text after it to continue."""
+    rng = random.Random(args.seed)
+    candidates = []
+    for row in sorted(rows, key=lambda r: path_fraction("prompts", r["path"])):
+        text = row["text"]
+        starts = [m.start() for m in PROMPT_START.finditer(text)] or [
+            m.start() for m in re.finditer(r"^\S", text, re.MULTILINE)
+        ]
+        rng.shuffle(starts)
+        candidates.append((row["path"], text, starts))
+    prompts = []
+    # Round-robin over files: one prompt per file first, more per file only when files run out.
+    for round_index in range(max((len(s) for _, _, s in candidates), default=0)):
+        for path, text, starts in candidates:
+            if len(prompts) == args.num_prompts:
+                return prompts
+            if round_index >= len(starts):
+                continue
+            ids = tokenizer(text[starts[round_index] :][: 16 * args.prompt_max_tokens], add_special_tokens=False)[
+                "input_ids"
+            ]
+            length = rng.randint(args.prompt_min_tokens, args.prompt_max_tokens)
+            if len(ids) < length + 16:
+                continue
+            prompts.append({"id": f"heldout-{len(prompts) + 1:03d}", "category": args.prompt_category,
+                            "prompt": tokenizer.decode(ids[:length]), "source": path})
+    return prompts
+
+
+def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
+    settings = {
+        "block_length": args.block_length, "eval_blocks": args.eval_blocks, "num_prompts": args.num_prompts,
+        "prompt_tokens": [args.prompt_min_tokens, args.prompt_max_tokens], "category": args.prompt_category,
+        "seed": args.seed, "tokenizer": tokenizer_record["key"],
+    }
+
+    def build(directory: Path) -> dict:
+        tokenizer = load_tokenizer(args)
+        corpus = Path(args.output_dir) / "corpus"
+        train_rows, heldout_rows = read_split(corpus, "train"), read_split(corpus, "heldout")
+        train = pack_blocks(tokenizer, [r["text"] for r in train_rows], args.block_length)
+        heldout = pack_blocks(tokenizer, [r["text"] for r in heldout_rows], args.block_length)
+        if len(train) < args.batch_size or len(heldout) == 0:
+            raise ValueError(
+                f"Too little text: {len(train)} train and {len(heldout)} held-out blocks of {args.block_length} "
+                f"tokens (need at least batch_size={args.batch_size} and 1). Add text or shorten block_length."
+            )
+        heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))]
+        torch.save(train, directory / "train.pt")
+        torch.save(heldout[: args.eval_blocks], directory / "heldout.pt")
+        prompts = heldout_prompts(args, tokenizer, heldout_rows)
+        if not prompts:
+            raise ValueError("No held-out file is long enough for a prompt; lower prompt_min_tokens or add text.")
+        with open(directory / "heldout.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in prompts)
+        return {"train_blocks": len(train), "train_tokens": train.numel(), "heldout_blocks": min(len(heldout),
+                args.eval_blocks), "heldout_tokens_available": heldout.numel(), "prompts": len(prompts),
+                "characters_per_token": round(sum(len(r["text"]) for r in train_rows) / max(train.numel(), 1), 3)}
+
+    record = run_stage(Path(args.output_dir) / "data", settings, build, args.force)
+    shutil.copyfile(Path(args.output_dir) / "data" / "heldout.jsonl", Path(args.output_dir) / "heldout.jsonl")
+    return record
+
+
+def block_dataset(tensor: torch.Tensor, prompt_tokens: int = 0):
+    """Blocks as an `input_ids` (+ `labels`) dataset; `prompt_tokens` > 0 marks each block's start as the prompt
+    (not trained), which on-policy distillation continues from."""
+    from datasets import Dataset
+
+    input_ids = tensor.tolist()
+    labels = [[-100] * prompt_tokens + ids[prompt_tokens:] for ids in input_ids]
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+
+
+# ----- stage 4: target ----------------------------------------------------------------------------------------
+
+
+def llama(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def max_positions(args: LabArguments) -> int:
+    return max(1024, args.block_length)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def trainer_arguments(args: LabArguments, directory: Path, steps: int, learning_rate: float) -> dict:
+    """The TrainingArguments every lab stage shares (the drafter configs add their own fields)."""
+    return dict(
+        output_dir=str(directory), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=32, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
+        weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no", eval_strategy="no",
+        report_to="none", dataloader_pin_memory=False, use_cpu=not args.use_cuda, bf16=args.bf16, seed=args.seed,
+    )
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after `minutes` (checked after every step)."""
+
+    def __init__(self, minutes: float):
+        self.minutes, self.start = minutes, time.perf_counter()
+
+    def on_train_begin(self, *_, **__):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, _args, state, control, **__):
+        if time.perf_counter() - self.start > self.minutes * 60:
+            log(f"time limit of {self.minutes} min reached at step {state.global_step}")
+            control.should_training_stop = True
+
+
+def causal_lm_trainer(args: LabArguments, model, tokenizer, directory: Path, steps: int, learning_rate: float,
+                      callbacks=None) -> Trainer:
+    """A plain `Trainer` with the model's own next-token cross-entropy on the train blocks (target and `sft`)."""
+    data = Path(args.output_dir) / "data"
+    return Trainer(
+        model=model, args=TrainingArguments(**trainer_arguments(args, directory, steps, learning_rate)),
+        train_dataset=block_dataset(torch.load(data / "train.pt")),
+        eval_dataset=block_dataset(torch.load(data / "heldout.pt")),
+        data_collator=DraftDataCollator(tokenizer.pad_token_id), callbacks=callbacks,
+    )
+
+
+def last_logged(history: list[dict], key: str) -> float | None:
+    return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
+def target_stage(args: LabArguments, data_record: dict) -> dict:
+    settings = {
+        "hidden_size": args.target_hidden_size, "layers": args.target_layers, "heads": args.target_heads,
+        "intermediate_size": args.target_intermediate_size, "steps": args.target_steps,
+        "max_minutes": args.target_max_minutes, "learning_rate": args.target_learning_rate,
+        "batch_size": args.batch_size, "bf16": args.bf16, "seed": args.seed, "data": data_record["key"],
+    }
+
+    def build(directory: Path) -> dict:
+        tokenizer = load_tokenizer(args)
+        model = llama(tokenizer, args.target_hidden_size, args.target_layers, args.target_heads,
+                      args.target_intermediate_size, max_positions(args), args.seed)
+        callbacks = [TimeLimit(args.target_max_minutes)] if args.target_max_minutes else None
+        trainer = causal_lm_trainer(args, model, tokenizer, directory, args.target_steps, args.target_learning_rate,
+                                    callbacks)
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+        heldout_loss = trainer.evaluate()["eval_loss"]
+        trainer.save_model(str(directory))
+        tokenizer.save_pretrained(directory)
+        steps = trainer.state.global_step
+        train_loss = last_logged(trainer.state.log_history, "loss")
+        return {
+            "parameters": count_parameters(model), "steps": steps, "train_seconds": round(seconds, 1),
+            "train_tokens": steps * args.batch_size * args.block_length,
+            "tokens_per_second": round(steps * args.batch_size * args.block_length / seconds, 1),
+            "mean_train_loss": round(output.training_loss, 4),
+            "final_train_loss": round(train_loss, 4) if train_loss is not None else None,
+            "heldout_loss": round(heldout_loss, 4), "heldout_perplexity": round(math.exp(heldout_loss), 2),
+        }
+
+    return run_stage(Path(args.output_dir) / "target", settings, build, args.force)
+
+
+# ----- stage 5: drafters --------------------------------------------------------------------------------------
+
+
+def drafter_dir(args: LabArguments, name: str) -> Path:
+    return Path(args.output_dir) / "drafters" / name
+
+
+def init_stage(args: LabArguments, tokenizer_record: dict) -> dict:
+    settings = {
+        "hidden_size": args.draft_hidden_size, "layers": args.draft_layers, "heads": args.draft_heads,
+        "intermediate_size": args.draft_intermediate_size, "seed": args.seed + 1,
+        "max_positions": max_positions(args), "tokenizer": tokenizer_record["key"],
+    }
+
+    def build(directory: Path) -> dict:
+        tokenizer = load_tokenizer(args)
+        draft = llama(tokenizer, args.draft_hidden_size, args.draft_layers, args.draft_heads,
+                      args.draft_intermediate_size, max_positions(args), args.seed + 1)
+        draft.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return {"parameters": count_parameters(draft)}
+
+    return run_stage(drafter_dir(args, "init"), settings, build, args.force)
+
+
+def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
+    """Exactly what determines drafter `name`: its own fields, the shared drafter fields and its inputs' keys."""
+    shared = {"learning_rate": args.draft_learning_rate, "batch_size": args.batch_size, "bf16": args.bf16,
+              "seed": args.seed, "data": records["data"]["key"]}
+    distill = {"lmbda": args.distill_lmbda, "init": records["init"]["key"], "target": records["target"]["key"]}
+    own = {
+        "sft": {"steps": args.sft_steps, "init": records["init"]["key"]},
+        "distill-fkl": {"steps": args.distill_fkl_steps, **distill},
+        "distill-tvd": {"steps": args.distill_tvd_steps, **distill},
+        "distill-fkl-long": {"steps": args.resolved_adaspec_steps, **distill},
+        "adaspec": {"steps": args.resolved_adaspec_steps, "k": args.adaspec_k, **distill,
+                    "reference": records.get("distill-fkl", {}).get("key")},
+        "soft": {"steps": args.soft_steps, "layers": args.soft_layers, "exits": args.soft_exits,
+                 "thresholds": args.soft_exit_thresholds, "target": records["target"]["key"]},
+    }[name]
+    return {"drafter": name, **shared, **own}
+
+
+def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
+    """Train drafter `name` with its trainer, exactly as a user would, and save it with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers import (
+        AdaSPECConfig,
+        AdaSPECTrainer,
+        DistillConfig,
+        DistillTrainer,
+        SoFTConfig,
+        SoFTTrainer,
+        truncate_model,
+    )
+
+    tokenizer = load_tokenizer(args)
+    data = Path(args.output_dir) / "data"
+    target_path = str(Path(args.output_dir) / "target")
+    init = AutoModelForCausalLM.from_pretrained(drafter_dir(args, "init"))
+    steps = {"sft": args.sft_steps, "distill-fkl": args.distill_fkl_steps, "distill-tvd": args.distill_tvd_steps,
+             "adaspec": args.resolved_adaspec_steps, "distill-fkl-long": args.resolved_adaspec_steps,
+             "soft": args.soft_steps}[name]
+    common = trainer_arguments(args, directory, steps, args.draft_learning_rate) | {"max_length": args.block_length}
+    train = torch.load(data / "train.pt")
+    if name == "sft":
+        trainer = causal_lm_trainer(args, init, tokenizer, directory, steps, args.draft_learning_rate)
+    elif name == "soft":  # SD2: the target's first layers, every exit trained with cross-entropy on the text
+        model = truncate_model(AutoModelForCausalLM.from_pretrained(target_path), args.soft_layers)
+        config = SoFTConfig(exits=args.soft_exits, exit_thresholds=args.soft_exit_thresholds, **common)
+        trainer = SoFTTrainer(model=model, args=config, train_dataset=block_dataset(train), processing_class=tokenizer)
+    else:
+        target = AutoModelForCausalLM.from_pretrained(target_path)
+        prompt_tokens = args.block_length // 2 if args.distill_lmbda > 0 else 0
+        distill = dict(lmbda=args.distill_lmbda, max_new_tokens=max(args.block_length - prompt_tokens, 1), **common)
+        dataset = block_dataset(train, prompt_tokens)
+        if name == "adaspec":
+            reference = AutoModelForCausalLM.from_pretrained(drafter_dir(args, "distill-fkl"))
+            trainer = AdaSPECTrainer(
+                model=init, teacher_model=target, ref_model=reference, train_dataset=dataset,
+                args=AdaSPECConfig(k=args.adaspec_k, divergence="forward_kl", **distill), processing_class=tokenizer,
+            )
+        else:
+            divergence = "tvd" if name == "distill-tvd" else "forward_kl"
+            trainer = DistillTrainer(model=init, teacher_model=target, train_dataset=dataset,
+                                     args=DistillConfig(divergence=divergence, **distill), processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(directory))
+    tokenizer.save_pretrained(directory)
+    history = trainer.state.log_history
+    logged = {key: last_logged(history, key) for key in ("loss", "expected_acceptance", "top1_agreement")}
+    return {"parameters": count_parameters(trainer.model), "steps": trainer.state.global_step,
+            "train_seconds": round(seconds, 1), "last_logged": logged}
+
+
+def drafter_stages(args: LabArguments, records: dict) -> dict[str, dict]:
+    drafters = {}
+    for name in args.wanted_drafters():
+        if name == "init":
+            drafters[name] = records["init"]
+            continue
+        inputs = {**records, **drafters}
+        drafters[name] = run_stage(
+            drafter_dir(args, name), drafter_settings(args, name, inputs),
+            lambda directory, name=name: train_drafter(args, name, directory), args.force,
+        )
+    return drafters
+
+
+# ----- measuring ----------------------------------------------------------------------------------------------
+
+
+def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> dict[str, dict]:
+    """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers import exit_logits
+
+    tokenizer = load_tokenizer(args)
+    target = AutoModelForCausalLM.from_pretrained(Path(args.output_dir) / "target").eval()
+    heldout = block_dataset(torch.load(Path(args.output_dir) / "data" / "heldout.pt"))
+    results = {}
+    for name in drafters:
+        draft = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).eval()
+        exits = getattr(draft.config, "sorted_exits", None)
+        if exits:
+            per_exit = {
+                str(e): heldout_acceptance(
+                    lambda ids, mask, e=e, draft=draft: exit_logits(draft, ids, mask, [e])[e], target, heldout, tokenizer
+                )
+                for e in exits
+            }
+            results[name] = {**per_exit[str(exits[-1])], "exits": per_exit}
+        else:
+            results[name] = heldout_acceptance(model_logits(draft), target, heldout, tokenizer)
+        log(f"held-out acceptance {name}: {results[name]['expected_acceptance']:.4f} expected, "
+            f"{results[name]['top1_agreement']:.4f} top-1")
+    return results
+
+
+def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
+    """Every drafter × chain / tree × greedy / sampling, and plain decoding, through the project's benchmark suite."""
+    try:
+        from hf_specdec.bench import SuiteConfig, run_suite
+    except ImportError as error:
+        raise ImportError(
+            "The benchmark needs hf_specdec.bench.run_suite, which this install does not have; run with "
+            "--benchmark false to train and measure held-out acceptance only."
+        ) from error
+    config = SuiteConfig(
+        target=str(Path(args.output_dir) / "target"),
+        drafters={name: str(drafter_dir(args, name)) for name in drafters},
+        prompts=(str(Path(args.output_dir) / "heldout.jsonl"),), prompts_per_category=args.bench_prompts,
+        experiments=("plain", "chain", "tree"), decodings=("greedy", "sample"), max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens, tree=tuple(args.tree), repeats=args.bench_repeats,
+        threads=args.threads, seed=args.seed, device="cuda" if args.use_cuda else "cpu",
+    )
+    return run_suite(config, show_progress=True)
+
+
+def benchmark_cells(report: dict) -> dict[str, dict[str, dict]]:
+    """`{drafter: {"chain/greedy": overall metrics, ...}}` from the suite's rows (batch size 1)."""
+    cells: dict[str, dict[str, dict]] = {}
+    for row in report["pairs"][0]["rows"]:
+        if row.get("drafter") is None or row.get("batch_size", 1) != 1:
+            continue
+        cells.setdefault(row["drafter"], {})[f"{row['experiment']}/{row['decoding']}"] = row["overall"]
+    return cells
+
+
+# ----- the report ---------------------------------------------------------------------------------------------
+
+MODES = ("chain/greedy", "chain/sample", "tree/greedy", "tree/sample")
+
+
+def fmt(value, digits: int = 3, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def method_label(args: LabArguments, name: str) -> str:
+    return METHODS[name].format(k=args.adaspec_k, layers=args.soft_layers, exits="/".join(map(str, args.soft_exits)))
+
+
+# Orderings the papers report: AdaSPEC > DistillSpec > SFT in acceptance; TVD vs FKL depends on task and decoding.
+PAPER_ORDERINGS = (("adaspec", "distill-fkl"), ("distill-fkl", "sft"), ("adaspec", "distill-fkl-long"))
+HELDOUT_TIE = 0.005  # E[accept] over tens of thousands of held-out tokens: smaller gaps are not worth a verdict
+TAU_TIE = 0.1
+
+
+def comparison_metrics(acceptance: dict, cells: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """`{metric: {drafter: (value, tie margin)}}`. An α's margin is two binomial standard errors of the difference
+    (accepted / drafted counts; it ignores the correlation inside a round, so it is a lower bound)."""
+    metrics = {"held-out E[accept]": {n: (a["expected_acceptance"], HELDOUT_TIE / 2) for n, a in acceptance.items()}}
+    for mode in ("chain/greedy", "chain/sample"):
+        metrics[f"α {mode}"] = {}
+        for name, cell in cells.items():
+            if cell.get(mode, {}).get("acceptance_rate") is not None:
+                alpha, drafted = cell[mode]["acceptance_rate"], max(cell[mode]["drafted"], 1)
+                metrics[f"α {mode}"][name] = (alpha, math.sqrt(alpha * (1 - alpha) / drafted))
+    for mode in ("tree/greedy", "tree/sample"):
+        metrics[f"τ {mode}"] = {n: (c[mode]["mean_accepted_length"], TAU_TIE / 2) for n, c in cells.items()
+                                if c.get(mode, {}).get("mean_accepted_length") is not None}
+    return metrics
+
+
+def ordering_notes(acceptance: dict, cells: dict) -> list[str]:
+    """Where the papers' orderings hold in these numbers, metric by metric, with ties called as ties."""
+    metrics = comparison_metrics(acceptance, cells)
+    notes = []
+    for better, worse in (*PAPER_ORDERINGS, ("distill-tvd", "distill-fkl")):
+        holds, fails, ties = [], [], []
+        for metric, values in metrics.items():
+            if better not in values or worse not in values:
+                continue
+            (a, error_a), (b, error_b) = values[better], values[worse]
+            margin = 2 * math.hypot(error_a, error_b) if metric.startswith("α") else error_a + error_b
+            (ties if abs(a - b) <= margin else holds if a > b else fails).append(f"{metric} {a:.3f} vs {b:.3f}")
+        if not (holds or fails or ties):
+            continue
+        if (better, worse) == ("distill-tvd", "distill-fkl"):
+            claim = "TVD vs forward KL (DistillSpec: which is better depends on task and decoding)"
+        else:
+            claim = f"{better} > {worse} (the papers' ordering)"
+        verdict = {(True, False): "holds", (False, True): "does not hold", (True, True): "mixed"}.get(
+            (bool(holds), bool(fails)), "tie"
+        )
+        parts = [f"higher in {', '.join(holds)}" if holds else "", f"lower in {', '.join(fails)}" if fails else "",
+                 f"tied in {', '.join(ties)}" if ties else ""]
+        notes.append(f"- {claim}: **{verdict}** — {better} is " + "; ".join(p for p in parts if p) + ".")
+    return notes
+
+
+def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """Markdown table lines; `align` has one letter per column: l(eft) or r(ight)."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
+
+
+def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dict | None,
+                 timings: dict[str, float]) -> tuple[str, dict]:
+    drafters = records["drafters"]
+    cells = benchmark_cells(bench) if bench else {}
+    target, data = records["target"]["metrics"], records["data"]["metrics"]
+    corpus, vocab = records["corpus"]["metrics"], records["tokenizer"]["metrics"]["vocab_size"]
+    text = (
+        f"Text: {corpus['train']['files']} train files ({corpus['train']['megabytes']} MB) and "
+        f"{corpus['heldout']['files']} held-out files ({corpus['heldout']['megabytes']} MB) from "
+        f"`{records['corpus']['settings']['text_dir']}`; byte-level BPE with {vocab} tokens "
+        f"({data['characters_per_token']} characters per token); {data['train_tokens']:,} train tokens in blocks of "
+        f"{args.block_length}."
+    )
+    target_line = (
+        f"Target: Llama, {args.target_layers} layers × {args.target_hidden_size} wide, "
+        f"{target['parameters'] / 1e6:.2f}M parameters, {target['steps']} steps × {args.batch_size} blocks "
+        f"({target['train_tokens']:,} tokens at {target['tokens_per_second']:,.0f} tokens/s) → last logged train "
+        f"loss {target['final_train_loss']}, held-out loss {target['heldout_loss']} (perplexity "
+        f"{target['heldout_perplexity']})."
+    )
+    draft_line = (
+        f"Draft: Llama, {args.draft_layers} layers × {args.draft_hidden_size} wide, "
+        f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters; `soft` is the target's first "
+        f"{args.soft_layers} layers ({args.target_hidden_size} wide) with exits {args.soft_exits} and thresholds "
+        f"{args.soft_exit_thresholds}."
+    )
+    legend = (
+        "E[accept] = held-out Σ min(p, q) per token (what speculative sampling at temperature 1 accepts) and top-1 "
+        f"= greedy agreement with the target, over {data['heldout_blocks']} held-out blocks (for `soft`: its last "
+        "exit). α = accepted / drafted tokens in real speculative decoding of the held-out prompts: chains of "
+        f"{args.num_draft_tokens}, trees of depth / top-k / nodes {'/'.join(map(str, args.tree))} (a tree's α "
+        "counts every drafted node, so read its τ below)."
+    )
+    rows = []
+    for name, record in drafters.items():
+        metrics, cell = record.get("metrics", {}), cells.get(name, {})
+        rows.append([
+            name, method_label(args, name), str(metrics.get("steps", 0)),
+            fmt(metrics.get("train_seconds", 0.0), 0, " s"),
+            fmt(acceptance[name]["expected_acceptance"]), fmt(acceptance[name]["top1_agreement"]),
+            *(fmt(cell.get(mode, {}).get("acceptance_rate")) for mode in MODES),
+        ])
+    lines = ["# Lab report", "", text, "", target_line, "", draft_line, "", "## Acceptance (the papers' table)", "",
+             legend, ""]
+    lines += table(["drafter", "method", "steps", "train time", "E[accept]", "top-1", "α chain greedy",
+                    "α chain sampling", "α tree greedy", "α tree sampling"], rows, "llrrrrrrrr")
+    if cells:
+        speed_rows = []
+        for name in drafters:
+            cell = cells.get(name, {})
+            exact = [cell[m].get("equal_to_plain") for m in ("chain/greedy", "tree/greedy") if m in cell]
+            speed_rows.append([
+                name, *(fmt(cell.get(mode, {}).get("mean_accepted_length"), 2) for mode in MODES),
+                *(fmt(cell.get(mode, {}).get("speedup"), 2, "×") for mode in MODES),
+                "yes" if exact and all(exact) else "NO",
+            ])
+        plain = {row["decoding"]: row["overall"]["tokens_per_second"] for row in bench["pairs"][0]["rows"]
+                 if row["experiment"] == "plain" and row.get("batch_size", 1) == 1}
+        lines += ["", "## Tokens per target forward (τ) and speed-up over plain decoding", "",
+                  f"{args.bench_prompts} held-out prompts × {args.max_new_tokens} new tokens, batch 1, median of "
+                  f"{args.bench_repeats} repeats; speed-up = plain `generate`'s time / the drafter's on the same "
+                  "prompts and seeds. Plain decoding: "
+                  + ", ".join(f"{d} {v:.1f} tokens/s" for d, v in plain.items()) + ".", ""]
+        lines += table(["drafter", "τ chain greedy", "τ chain sampling", "τ tree greedy", "τ tree sampling",
+                        "speed-up chain greedy", "speed-up chain sampling", "speed-up tree greedy",
+                        "speed-up tree sampling", "greedy output = plain"], speed_rows, "lrrrrrrrrl")
+    notes = ordering_notes(acceptance, cells)
+    lines += ["", "## Do the papers' orderings reproduce here?", ""]
+    lines += notes or ["- (not enough drafters to compare)"]
+    caveat = (
+        f"Ties: E[accept] within {HELDOUT_TIE}, τ within {TAU_TIE}, α within two binomial standard errors of the "
+        f"difference (from the drafted-token counts). AdaSPEC trains "
+        f"{args.resolved_adaspec_steps} steps (distill_fkl_steps / k: the paper's epochs / k) on about a fraction "
+        f"{args.adaspec_k:g} of the tokens; `distill-fkl-long` gives forward KL the same steps."
+    )
+    lines += ["", caveat, ""]
+    time_rows = [[stage, fmt(records[stage]["seconds"], 1, " s"), "reused" if records[stage]["reused"] else "built"]
+                 for stage in ("corpus", "tokenizer", "data", "target")]
+    time_rows += [[f"drafters/{name}", fmt(record["seconds"], 1, " s"), "reused" if record["reused"] else "built"]
+                  for name, record in drafters.items()]
+    time_rows += [[name, fmt(seconds, 1, " s"), "this run"] for name, seconds in timings.items()]
+    lines += ["## Time", ""] + table(["stage", "time", "cached?"], time_rows, "lrl")
+    markdown = "\n".join(lines) + "\n"
+    payload = {
+        "arguments": asdict(args), "machine": machine(), "stages": {k: records[k] for k in records if k != "drafters"},
+        "drafters": drafters, "heldout_acceptance": acceptance, "benchmark": cells, "timings": timings,
+        "ordering_notes": notes, "benchmark_report": bench,
+    }
+    return markdown, payload
+
+
+def machine() -> dict:
+    import platform
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+# ----- main ---------------------------------------------------------------------------------------------------
+
+
+def run_lab(args: LabArguments) -> dict:
+    """Every stage (reused when cached), then the measurements and the report. Returns the report's JSON payload."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # one bar per tokenized dataset drowns the trainers' progress bars
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    records = {"corpus": corpus_stage(args)}
+    records["tokenizer"] = tokenizer_stage(args, records["corpus"])
+    records["data"] = data_stage(args, records["tokenizer"])
+    records["target"] = target_stage(args, records["data"])
+    records["init"] = init_stage(args, records["tokenizer"])
+    records["drafters"] = drafter_stages(args, records)
+    timings = {"training stages (this run)": time.perf_counter() - start}
+    measure_start = time.perf_counter()
+    acceptance = acceptance_against_target(args, records["drafters"])
+    timings["held-out acceptance"] = time.perf_counter() - measure_start
+    bench = None
+    if args.benchmark:
+        bench_start = time.perf_counter()
+        bench = run_benchmark(args, records["drafters"])
+        timings["benchmark"] = time.perf_counter() - bench_start
+    timings["total (this run)"] = time.perf_counter() - start
+    markdown, payload = build_report(args, records, acceptance, bench, timings)
+    Path(args.output_dir, "lab_report.md").write_text(markdown)
+    Path(args.output_dir, "lab_report.json").write_text(json.dumps(payload, indent=2, default=str))
+    print("\n" + markdown)
+    log(f"report written to {Path(args.output_dir, 'lab_report.md')} and lab_report.json")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args((LabArguments,), argv)
+    return run_lab(args)
+
+
+if __name__ == "__main__":
+    main()
