@@ -46,7 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common` when imported from elsewhere (tests)
 
-from _common import heldout_acceptance, model_logits, parse_args
+from _common import parse_args
 
 from trainers.data import DraftDataCollator
 
@@ -98,7 +98,7 @@ class LabArguments:
     )
     output_dir: str = field(default="out/lab", metadata={"help": "Where every stage and the report are written."})
     # ----- tokenizer and data
-    vocab_size: int = field(default=4096, metadata={"help": "Byte-level BPE vocabulary size (incl. special tokens)."})
+    vocab_size: int = field(default=2048, metadata={"help": "Byte-level BPE vocabulary size (incl. special tokens)."})
     block_length: int = field(default=256, metadata={"help": "Tokens per training block (files are packed)."})
     eval_blocks: int = field(
         default=128, metadata={"help": "Held-out blocks used for the target's loss and the drafters' acceptance."}
@@ -119,7 +119,7 @@ class LabArguments:
                   "depends on the machine's speed)."},
     )
     target_learning_rate: float = field(default=3e-3, metadata={"help": "Target: peak learning rate (cosine)."})
-    batch_size: int = field(default=16, metadata={"help": "Blocks per optimizer step, for the target and drafters."})
+    batch_size: int = field(default=16, metadata={"help": "Target: blocks per optimizer step."})
     # ----- drafters
     drafters: list[str] = field(
         default_factory=lambda: list(DRAFTERS),
@@ -131,6 +131,13 @@ class LabArguments:
     draft_heads: int = field(default=4, metadata={"help": "Draft: attention heads (as many KV heads)."})
     draft_intermediate_size: int = field(default=384, metadata={"help": "Draft: MLP width."})
     draft_learning_rate: float = field(default=3e-3, metadata={"help": "Drafters: peak learning rate (cosine)."})
+    draft_batch_size: int = field(default=8, metadata={"help": "Drafters: blocks per optimizer step."})
+    draft_train_blocks: int = field(
+        default=1200,
+        metadata={"help": "Drafters: their training set, this many train blocks drawn at random (seeded) from the "
+                  "target's. With the defaults 150 steps × 8 blocks is one epoch, so AdaSPEC's steps / k is the "
+                  "paper's epochs / k."},
+    )
     sft_steps: int = field(default=150, metadata={"help": "`sft`: optimizer steps."})
     distill_fkl_steps: int = field(default=150, metadata={"help": "`distill-fkl`: optimizer steps."})
     distill_tvd_steps: int = field(default=150, metadata={"help": "`distill-tvd`: optimizer steps."})
@@ -164,6 +171,11 @@ class LabArguments:
         default_factory=lambda: [4, 2, 12], metadata={"help": "Benchmark: tree depth, top_k, max_nodes."}
     )
     bench_repeats: int = field(default=2, metadata={"help": "Benchmark: timed repeats (the median is reported)."})
+    bench_threads: int | None = field(
+        default=1,
+        metadata={"help": "Benchmark: torch CPU threads (None: torch's default). Batch-1 decoding of models this "
+                  "small is bound by per-call overhead, not arithmetic, and one thread keeps a shared machine quiet."},
+    )
     # ----- how to run
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     dtype: str = field(
@@ -457,10 +469,10 @@ def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
         train_rows, heldout_rows = read_split(corpus, "train"), read_split(corpus, "heldout")
         train = pack_blocks(tokenizer, [r["text"] for r in train_rows], args.block_length)
         heldout = pack_blocks(tokenizer, [r["text"] for r in heldout_rows], args.block_length)
-        if len(train) < args.batch_size or len(heldout) == 0:
+        if len(train) < max(args.batch_size, args.draft_batch_size) or len(heldout) == 0:
             raise ValueError(
                 f"Too little text: {len(train)} train and {len(heldout)} held-out blocks of {args.block_length} "
-                f"tokens (need at least batch_size={args.batch_size} and 1). Add text or shorten block_length."
+                f"tokens (need at least the batch sizes, {args.batch_size} and {args.draft_batch_size}, and 1). Add text or shorten block_length."
             )
         heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))]
         torch.save(train, directory / "train.pt")
@@ -514,10 +526,10 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def trainer_arguments(args: LabArguments, directory: Path, steps: int, learning_rate: float) -> dict:
+def trainer_arguments(args: LabArguments, directory: Path, steps: int, learning_rate: float, batch_size: int) -> dict:
     """The TrainingArguments every lab stage shares (the drafter configs add their own fields)."""
     return dict(
-        output_dir=str(directory), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        output_dir=str(directory), max_steps=steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=32, learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
         weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no", eval_strategy="no",
         report_to="none", dataloader_pin_memory=False, use_cpu=not args.use_cuda, bf16=args.bf16, seed=args.seed,
@@ -540,13 +552,12 @@ class TimeLimit(TrainerCallback):
 
 
 def causal_lm_trainer(args: LabArguments, model, tokenizer, directory: Path, steps: int, learning_rate: float,
-                      callbacks=None) -> Trainer:
-    """A plain `Trainer` with the model's own next-token cross-entropy on the train blocks (target and `sft`)."""
-    data = Path(args.output_dir) / "data"
+                      batch_size: int, train: torch.Tensor, callbacks=None) -> Trainer:
+    """A plain `Trainer` with the model's own next-token cross-entropy on `train` blocks (target and `sft`)."""
+    training_args = TrainingArguments(**trainer_arguments(args, directory, steps, learning_rate, batch_size))
     return Trainer(
-        model=model, args=TrainingArguments(**trainer_arguments(args, directory, steps, learning_rate)),
-        train_dataset=block_dataset(torch.load(data / "train.pt")),
-        eval_dataset=block_dataset(torch.load(data / "heldout.pt")),
+        model=model, args=training_args, train_dataset=block_dataset(train),
+        eval_dataset=block_dataset(torch.load(Path(args.output_dir) / "data" / "heldout.pt")),
         data_collator=DraftDataCollator(tokenizer.pad_token_id), callbacks=callbacks,
     )
 
@@ -568,8 +579,9 @@ def target_stage(args: LabArguments, data_record: dict) -> dict:
         model = llama(tokenizer, args.target_hidden_size, args.target_layers, args.target_heads,
                       args.target_intermediate_size, max_positions(args), args.seed)
         callbacks = [TimeLimit(args.target_max_minutes)] if args.target_max_minutes else None
+        train = torch.load(Path(args.output_dir) / "data" / "train.pt")
         trainer = causal_lm_trainer(args, model, tokenizer, directory, args.target_steps, args.target_learning_rate,
-                                    callbacks)
+                                    args.batch_size, train, callbacks)
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
@@ -617,8 +629,9 @@ def init_stage(args: LabArguments, tokenizer_record: dict) -> dict:
 
 def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
     """Exactly what determines drafter `name`: its own fields, the shared drafter fields and its inputs' keys."""
-    shared = {"learning_rate": args.draft_learning_rate, "batch_size": args.batch_size, "bf16": args.bf16,
-              "seed": args.seed, "data": records["data"]["key"]}
+    shared = {"learning_rate": args.draft_learning_rate, "batch_size": args.draft_batch_size,
+              "train_blocks": args.draft_train_blocks, "bf16": args.bf16, "seed": args.seed,
+              "data": records["data"]["key"]}
     distill = {"lmbda": args.distill_lmbda, "init": records["init"]["key"], "target": records["target"]["key"]}
     own = {
         "sft": {"steps": args.sft_steps, "init": records["init"]["key"]},
@@ -631,6 +644,12 @@ def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
                  "thresholds": args.soft_exit_thresholds, "target": records["target"]["key"]},
     }[name]
     return {"drafter": name, **shared, **own}
+
+
+def drafter_blocks(args: LabArguments, train: torch.Tensor) -> torch.Tensor:
+    """The drafters' training set: `draft_train_blocks` of the target's train blocks, drawn with the seed."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 2))
+    return train[order[: args.draft_train_blocks]]
 
 
 def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
@@ -654,10 +673,12 @@ def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
     steps = {"sft": args.sft_steps, "distill-fkl": args.distill_fkl_steps, "distill-tvd": args.distill_tvd_steps,
              "adaspec": args.resolved_adaspec_steps, "distill-fkl-long": args.resolved_adaspec_steps,
              "soft": args.soft_steps}[name]
-    common = trainer_arguments(args, directory, steps, args.draft_learning_rate) | {"max_length": args.block_length}
-    train = torch.load(data / "train.pt")
+    common = trainer_arguments(args, directory, steps, args.draft_learning_rate, args.draft_batch_size)
+    common["max_length"] = args.block_length
+    train = drafter_blocks(args, torch.load(data / "train.pt"))
     if name == "sft":
-        trainer = causal_lm_trainer(args, init, tokenizer, directory, steps, args.draft_learning_rate)
+        trainer = causal_lm_trainer(args, init, tokenizer, directory, steps, args.draft_learning_rate,
+                                    args.draft_batch_size, train)
     elif name == "soft":  # SD2: the target's first layers, every exit trained with cross-entropy on the text
         model = truncate_model(AutoModelForCausalLM.from_pretrained(target_path), args.soft_layers)
         config = SoFTConfig(exits=args.soft_exits, exit_thresholds=args.soft_exit_thresholds, **common)
@@ -705,31 +726,45 @@ def drafter_stages(args: LabArguments, records: dict) -> dict[str, dict]:
 # ----- measuring ----------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> dict[str, dict]:
-    """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target."""
+    """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target, token
+    means over the held-out blocks; the target runs once per batch for all drafters."""
     from transformers import AutoModelForCausalLM
 
     from trainers import exit_logits
+    from trainers.losses import expected_acceptance, shared_vocab, top1_agreement
 
-    tokenizer = load_tokenizer(args)
-    target = AutoModelForCausalLM.from_pretrained(Path(args.output_dir) / "target").eval()
-    heldout = block_dataset(torch.load(Path(args.output_dir) / "data" / "heldout.pt"))
-    results = {}
+    device = "cuda" if args.use_cuda else "cpu"
+    target = AutoModelForCausalLM.from_pretrained(Path(args.output_dir) / "target").to(device).eval()
+    scorers = {}  # (drafter, exit or None) -> logits function
     for name in drafters:
-        draft = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).eval()
-        exits = getattr(draft.config, "sorted_exits", None)
-        if exits:
-            per_exit = {
-                str(e): heldout_acceptance(
-                    lambda ids, mask, e=e, draft=draft: exit_logits(draft, ids, mask, [e])[e], target, heldout, tokenizer
-                )
-                for e in exits
-            }
-            results[name] = {**per_exit[str(exits[-1])], "exits": per_exit}
-        else:
-            results[name] = heldout_acceptance(model_logits(draft), target, heldout, tokenizer)
-        log(f"held-out acceptance {name}: {results[name]['expected_acceptance']:.4f} expected, "
-            f"{results[name]['top1_agreement']:.4f} top-1")
+        draft = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).to(device).eval()
+        for exit_layer in getattr(draft.config, "sorted_exits", None) or [None]:
+            if exit_layer is None:
+                scorers[name, None] = lambda ids, draft=draft: draft(input_ids=ids).logits
+            else:
+                scorers[name, exit_layer] = lambda ids, draft=draft, e=exit_layer: exit_logits(draft, ids, None, [e])[e]
+    totals = {key: torch.zeros(2, dtype=torch.float64) for key in scorers}
+    blocks = torch.load(Path(args.output_dir) / "data" / "heldout.pt")
+    for batch in blocks.split(16):
+        ids = batch.to(device)
+        p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
+        for key, logits in scorers.items():
+            q, shared_p = shared_vocab(logits(ids)[:, :-1].flatten(0, 1).float(), p)
+            totals[key] += torch.stack([expected_acceptance(q, shared_p).sum(), top1_agreement(q, shared_p).sum()]).cpu()
+    count = blocks[:, 1:].numel()
+    results: dict[str, dict] = {}
+    for (name, exit_layer), (accept, top1) in totals.items():
+        metrics = {"expected_acceptance": float(accept) / count, "top1_agreement": float(top1) / count}
+        if exit_layer is None:
+            results[name] = metrics
+        else:  # the drafter's numbers are its last exit's; every exit is kept
+            results.setdefault(name, {"exits": {}})["exits"][str(exit_layer)] = metrics
+            results[name].update(metrics)
+    for name, metrics in results.items():
+        log(f"held-out {name}: expected acceptance {metrics['expected_acceptance']:.4f}, top-1 agreement "
+            f"{metrics['top1_agreement']:.4f}")
     return results
 
 
@@ -748,7 +783,7 @@ def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
         prompts=(str(Path(args.output_dir) / "heldout.jsonl"),), prompts_per_category=args.bench_prompts,
         experiments=("plain", "chain", "tree"), decodings=("greedy", "sample"), max_new_tokens=args.max_new_tokens,
         num_draft_tokens=args.num_draft_tokens, tree=tuple(args.tree), repeats=args.bench_repeats,
-        threads=args.threads, seed=args.seed, device="cuda" if args.use_cuda else "cpu",
+        threads=args.bench_threads, seed=args.seed, device="cuda" if args.use_cuda else "cpu",
     )
     return run_suite(config, show_progress=True)
 
@@ -837,6 +872,7 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dic
     cells = benchmark_cells(bench) if bench else {}
     target, data = records["target"]["metrics"], records["data"]["metrics"]
     corpus, vocab = records["corpus"]["metrics"], records["tokenizer"]["metrics"]["vocab_size"]
+    pool = min(args.draft_train_blocks, data["train_blocks"])
     text = (
         f"Text: {corpus['train']['files']} train files ({corpus['train']['megabytes']} MB) and "
         f"{corpus['heldout']['files']} held-out files ({corpus['heldout']['megabytes']} MB) from "
@@ -855,7 +891,9 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dic
         f"Draft: Llama, {args.draft_layers} layers × {args.draft_hidden_size} wide, "
         f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters; `soft` is the target's first "
         f"{args.soft_layers} layers ({args.target_hidden_size} wide) with exits {args.soft_exits} and thresholds "
-        f"{args.soft_exit_thresholds}."
+        f"{args.soft_exit_thresholds}. Drafters train on {pool:,} blocks ({pool * args.block_length:,} tokens) drawn "
+        f"from the target's training data, {args.draft_batch_size} blocks per step (one epoch = "
+        f"{pool / args.draft_batch_size:g} steps), learning rate {args.draft_learning_rate:g} (cosine)."
     )
     legend = (
         "E[accept] = held-out Σ min(p, q) per token (what speculative sampling at temperature 1 accepts) and top-1 "

@@ -16,7 +16,7 @@ TOY = [
     "--heldout_fraction", "0.25", "--vocab_size", "320", "--block_length", "32", "--eval_blocks", "8",
     "--num_prompts", "4", "--prompt_min_tokens", "8", "--prompt_max_tokens", "12",
     "--target_hidden_size", "32", "--target_layers", "2", "--target_heads", "2", "--target_intermediate_size", "64",
-    "--target_steps", "4", "--batch_size", "4",
+    "--target_steps", "4", "--batch_size", "4", "--draft_batch_size", "4",
     "--draft_hidden_size", "16", "--draft_layers", "1", "--draft_heads", "2", "--draft_intermediate_size", "32",
     "--sft_steps", "2", "--distill_fkl_steps", "2", "--distill_tvd_steps", "2", "--soft_steps", "2",
     "--soft_layers", "2", "--soft_exits", "1", "2", "--soft_exit_thresholds", "0.7", "0.0",
