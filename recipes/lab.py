@@ -112,7 +112,7 @@ class LabArguments:
     target_layers: int = field(default=4, metadata={"help": "Target: decoder layers."})
     target_heads: int = field(default=4, metadata={"help": "Target: attention heads (as many KV heads)."})
     target_intermediate_size: int = field(default=768, metadata={"help": "Target: MLP width."})
-    target_steps: int = field(default=400, metadata={"help": "Target: optimizer steps."})
+    target_steps: int = field(default=560, metadata={"help": "Target: optimizer steps."})
     target_max_minutes: float | None = field(
         default=None,
         metadata={"help": "Target: stop training after this many minutes even before target_steps (then the result "
@@ -727,9 +727,10 @@ def drafter_stages(args: LabArguments, records: dict) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> dict[str, dict]:
+def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> tuple[dict[str, dict], dict]:
     """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target, token
-    means over the held-out blocks; the target runs once per batch for all drafters."""
+    means over the held-out blocks (the target runs once per batch for all drafters); and the target's own
+    next-token accuracy and loss on the same tokens."""
     from transformers import AutoModelForCausalLM
 
     from trainers import exit_logits
@@ -746,10 +747,14 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
             else:
                 scorers[name, exit_layer] = lambda ids, draft=draft, e=exit_layer: exit_logits(draft, ids, None, [e])[e]
     totals = {key: torch.zeros(2, dtype=torch.float64) for key in scorers}
+    target_totals = torch.zeros(2, dtype=torch.float64)  # the target's own next-token accuracy and loss
     blocks = torch.load(Path(args.output_dir) / "data" / "heldout.pt")
     for batch in blocks.split(16):
         ids = batch.to(device)
         p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
+        following = ids[:, 1:].flatten()
+        target_totals += torch.stack([(p.argmax(-1) == following).sum(),
+                                      torch.nn.functional.cross_entropy(p, following, reduction="sum")]).cpu()
         for key, logits in scorers.items():
             q, shared_p = shared_vocab(logits(ids)[:, :-1].flatten(0, 1).float(), p)
             totals[key] += torch.stack([expected_acceptance(q, shared_p).sum(), top1_agreement(q, shared_p).sum()]).cpu()
@@ -762,22 +767,19 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
         else:  # the drafter's numbers are its last exit's; every exit is kept
             results.setdefault(name, {"exits": {}})["exits"][str(exit_layer)] = metrics
             results[name].update(metrics)
+    target_metrics = {"next_token_accuracy": float(target_totals[0]) / count, "loss": float(target_totals[1]) / count}
+    log(f"held-out target: next-token accuracy {target_metrics['next_token_accuracy']:.4f}, loss "
+        f"{target_metrics['loss']:.4f}")
     for name, metrics in results.items():
         log(f"held-out {name}: expected acceptance {metrics['expected_acceptance']:.4f}, top-1 agreement "
             f"{metrics['top1_agreement']:.4f}")
-    return results
+    return results, target_metrics
 
 
-def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
-    """Every drafter × chain / tree × greedy / sampling, and plain decoding, through the project's benchmark suite."""
-    try:
-        from hf_specdec.bench import SuiteConfig, run_suite
-    except ImportError as error:
-        raise ImportError(
-            "The benchmark needs hf_specdec.bench.run_suite, which this install does not have; run with "
-            "--benchmark false to train and measure held-out acceptance only."
-        ) from error
-    config = SuiteConfig(
+def suite_config(args: LabArguments, drafters: dict[str, dict]):
+    from hf_specdec.bench import SuiteConfig
+
+    return SuiteConfig(
         target=str(Path(args.output_dir) / "target"),
         drafters={name: str(drafter_dir(args, name)) for name in drafters},
         prompts=(str(Path(args.output_dir) / "heldout.jsonl"),), prompts_per_category=args.bench_prompts,
@@ -785,7 +787,68 @@ def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
         num_draft_tokens=args.num_draft_tokens, tree=tuple(args.tree), repeats=args.bench_repeats,
         threads=args.bench_threads, seed=args.seed, device="cuda" if args.use_cuda else "cpu",
     )
-    return run_suite(config, show_progress=True)
+
+
+def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
+    """Every drafter × chain / tree × greedy / sampling, and plain decoding, through the project's benchmark suite."""
+    try:
+        from hf_specdec.bench import run_suite
+    except ImportError as error:
+        raise ImportError(
+            "The benchmark needs hf_specdec.bench.run_suite, which this install does not have; run with "
+            "--benchmark false to train and measure held-out acceptance only."
+        ) from error
+    return run_suite(suite_config(args, drafters), show_progress=True)
+
+
+NEAR_TIE = 1e-4  # float32 logits of one position computed in different forward shapes differ by ~1e-6
+
+
+@torch.no_grad()
+def explain_greedy_mismatches(args: LabArguments, drafters: dict[str, dict], cells: dict) -> list[str]:
+    """For every greedy row whose output differs from plain greedy, find the first differing token and the target's
+    gap between its two best logits there: a gap at float rounding level is a tie that the verify forward (many
+    positions at once) broke the other way, not a lossless-decoding bug."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_specdec.bench.prompts import encode, load_prompts
+    from hf_specdec.drafters import TreeConfig, load_drafter
+
+    mismatched = [(name, mode) for name, cell in cells.items() for mode in ("chain/greedy", "tree/greedy")
+                  if cell.get(mode, {}).get("equal_to_plain") is False]
+    if not mismatched:
+        return []
+    config = suite_config(args, drafters)
+    device = config.device
+    tokenizer = AutoTokenizer.from_pretrained(config.target)
+    target = AutoModelForCausalLM.from_pretrained(config.target).to(device).eval()
+    prompts = load_prompts(config.prompts, config.prompts_per_category)
+    notes = []
+    for name, mode in mismatched:
+        model = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).to(device).eval()
+        tree = TreeConfig(*config.tree) if mode.startswith("tree") else None
+        for prompt in prompts:
+            ids = torch.tensor([encode(prompt, tokenizer, config.max_prompt_tokens)], device=device)
+            plain = target.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens)[0, ids.shape[1] :]
+            drafter = load_drafter(str(drafter_dir(args, name)), num_draft_tokens=config.num_draft_tokens, tree=tree,
+                                   model=model)
+            spec = target.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens,
+                                   assistant_model=drafter)[0, ids.shape[1] :]
+            differs = [i for i in range(min(len(plain), len(spec))) if plain[i] != spec[i]]
+            if not differs:
+                continue
+            at = differs[0]
+            logits = target(torch.cat([ids[0], plain[:at]])[None]).logits[0, -1].float()
+            best, second = logits.topk(2).values.tolist()
+            gap = logits[plain[at]] - logits[spec[at]]
+            kind = "a float near-tie" if abs(float(gap)) <= NEAR_TIE else "NOT a tie: a real mismatch"
+            notes.append(f"- {name} {mode}, prompt {prompt.id}: first differs at new token {at} (plain "
+                         f"{int(plain[at])}, speculative {int(spec[at])}); the target's logits for the two differ by "
+                         f"{abs(float(gap)):.2g} (top-2 gap {best - second:.2g}): {kind}.")
+            break
+        else:
+            notes.append(f"- {name} {mode}: differed in the suite's run but not when rerun one prompt at a time.")
+    return notes
 
 
 def benchmark_cells(report: dict) -> dict[str, dict[str, dict]]:
@@ -851,9 +914,12 @@ def ordering_notes(acceptance: dict, cells: dict) -> list[str]:
             claim = "TVD vs forward KL (DistillSpec: which is better depends on task and decoding)"
         else:
             claim = f"{better} > {worse} (the papers' ordering)"
-        verdict = {(True, False): "holds", (False, True): "does not hold", (True, True): "mixed"}.get(
-            (bool(holds), bool(fails)), "tie"
-        )
+        if (better, worse) == ("distill-tvd", "distill-fkl"):
+            names = {(True, False): "TVD better everywhere", (False, True): "forward KL better everywhere",
+                     (True, True): "depends on the metric"}
+        else:
+            names = {(True, False): "holds", (False, True): "does not hold", (True, True): "mixed"}
+        verdict = names.get((bool(holds), bool(fails)), "tie")
         parts = [f"higher in {', '.join(holds)}" if holds else "", f"lower in {', '.join(fails)}" if fails else "",
                  f"tied in {', '.join(ties)}" if ties else ""]
         notes.append(f"- {claim}: **{verdict}** — {better} is " + "; ".join(p for p in parts if p) + ".")
@@ -866,8 +932,8 @@ def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
 
 
-def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dict | None,
-                 timings: dict[str, float]) -> tuple[str, dict]:
+def build_report(args: LabArguments, records: dict, acceptance: dict, target_heldout: dict, bench: dict | None,
+                 timings: dict[str, float], mismatches: list[str]) -> tuple[str, dict]:
     drafters = records["drafters"]
     cells = benchmark_cells(bench) if bench else {}
     target, data = records["target"]["metrics"], records["data"]["metrics"]
@@ -885,7 +951,8 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dic
         f"{target['parameters'] / 1e6:.2f}M parameters, {target['steps']} steps × {args.batch_size} blocks "
         f"({target['train_tokens']:,} tokens at {target['tokens_per_second']:,.0f} tokens/s) → last logged train "
         f"loss {target['final_train_loss']}, held-out loss {target['heldout_loss']} (perplexity "
-        f"{target['heldout_perplexity']})."
+        f"{target['heldout_perplexity']}); on the held-out blocks it predicts the next token right "
+        f"{100 * target_heldout['next_token_accuracy']:.1f}% of the time."
     )
     draft_line = (
         f"Draft: Llama, {args.draft_layers} layers × {args.draft_hidden_size} wide, "
@@ -935,6 +1002,8 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dic
         lines += table(["drafter", "τ chain greedy", "τ chain sampling", "τ tree greedy", "τ tree sampling",
                         "speed-up chain greedy", "speed-up chain sampling", "speed-up tree greedy",
                         "speed-up tree sampling", "greedy output = plain"], speed_rows, "lrrrrrrrrl")
+        if mismatches:
+            lines += ["", "Greedy outputs that differ from plain greedy, first difference per row:", "", *mismatches]
     notes = ordering_notes(acceptance, cells)
     lines += ["", "## Do the papers' orderings reproduce here?", ""]
     lines += notes or ["- (not enough drafters to compare)"]
@@ -954,8 +1023,8 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, bench: dic
     markdown = "\n".join(lines) + "\n"
     payload = {
         "arguments": asdict(args), "machine": machine(), "stages": {k: records[k] for k in records if k != "drafters"},
-        "drafters": drafters, "heldout_acceptance": acceptance, "benchmark": cells, "timings": timings,
-        "ordering_notes": notes, "benchmark_report": bench,
+        "drafters": drafters, "heldout_acceptance": acceptance, "target_heldout": target_heldout, "benchmark": cells, "timings": timings,
+        "ordering_notes": notes, "greedy_mismatches": mismatches, "benchmark_report": bench,
     }
     return markdown, payload
 
@@ -991,15 +1060,21 @@ def run_lab(args: LabArguments) -> dict:
     records["drafters"] = drafter_stages(args, records)
     timings = {"training stages (this run)": time.perf_counter() - start}
     measure_start = time.perf_counter()
-    acceptance = acceptance_against_target(args, records["drafters"])
+    acceptance, target_heldout = acceptance_against_target(args, records["drafters"])
     timings["held-out acceptance"] = time.perf_counter() - measure_start
     bench = None
     if args.benchmark:
         bench_start = time.perf_counter()
         bench = run_benchmark(args, records["drafters"])
         timings["benchmark"] = time.perf_counter() - bench_start
+    mismatches = []
+    if bench:
+        diagnosis_start = time.perf_counter()
+        mismatches = explain_greedy_mismatches(args, records["drafters"], benchmark_cells(bench))
+        if mismatches:
+            timings["greedy mismatch diagnosis"] = time.perf_counter() - diagnosis_start
     timings["total (this run)"] = time.perf_counter() - start
-    markdown, payload = build_report(args, records, acceptance, bench, timings)
+    markdown, payload = build_report(args, records, acceptance, target_heldout, bench, timings, mismatches)
     Path(args.output_dir, "lab_report.md").write_text(markdown)
     Path(args.output_dir, "lab_report.json").write_text(json.dumps(payload, indent=2, default=str))
     print("\n" + markdown)

@@ -148,6 +148,19 @@ def test_benchmark_through_the_suite_is_lossless(lab_dirs, tmp_path):
     assert "speed-up chain greedy" in report and "| NO |" not in report
 
 
+def test_greedy_mismatch_diagnosis_reruns_the_prompts(lab_dirs):
+    """A greedy row the suite flags is rerun prompt by prompt; here the outputs agree, and the note says so."""
+    pytest.importorskip("hf_specdec.bench")
+    import lab
+
+    text_dir, output_dir, _ = lab_dirs
+    argv = ["--text_dir", str(text_dir), "--output_dir", str(output_dir), *TOY]
+    (args,) = lab.parse_args((lab.LabArguments,), argv)
+    cells = {"sft": {"chain/greedy": {"equal_to_plain": False}, "tree/greedy": {"equal_to_plain": True}}}
+    notes = lab.explain_greedy_mismatches(args, {"sft": {}}, cells)
+    assert notes == ["- sft chain/greedy: differed in the suite's run but not when rerun one prompt at a time."]
+
+
 def test_corpus_skips_large_generated_and_third_party_files(tmp_path):
     import lab
 
