@@ -983,25 +983,29 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
     lines += table(["drafter", "method", "steps", "train time", "E[accept]", "top-1", "α chain greedy",
                     "α chain sampling", "α tree greedy", "α tree sampling"], rows, "llrrrrrrrr")
     if cells:
+        pair = bench["pairs"][0]
         speed_rows = []
         for name in drafters:
-            cell = cells.get(name, {})
+            cell, cost = cells.get(name, {}), pair.get("drafters", {}).get(name, {})
             exact = [cell[m].get("equal_to_plain") for m in ("chain/greedy", "tree/greedy") if m in cell]
             speed_rows.append([
                 name, *(fmt(cell.get(mode, {}).get("mean_accepted_length"), 2) for mode in MODES),
                 *(fmt(cell.get(mode, {}).get("speedup"), 2, "×") for mode in MODES),
-                "yes" if exact and all(exact) else "NO",
+                fmt(cost.get("cost_ratio"), 2), "yes" if exact and all(exact) else "NO",
             ])
         plain = {row["decoding"]: row["overall"]["tokens_per_second"] for row in bench["pairs"][0]["rows"]
                  if row["experiment"] == "plain" and row.get("batch_size", 1) == 1}
         lines += ["", "## Tokens per target forward (τ) and speed-up over plain decoding", "",
                   f"{args.bench_prompts} held-out prompts × {args.max_new_tokens} new tokens, batch 1, median of "
                   f"{args.bench_repeats} repeats; speed-up = plain `generate`'s time / the drafter's on the same "
-                  "prompts and seeds. Plain decoding: "
-                  + ", ".join(f"{d} {v:.1f} tokens/s" for d, v in plain.items()) + ".", ""]
+                  "prompts and seeds; c = one draft forward's time / one target forward's (the suite's measurement; "
+                  "not for sorted drafters, whose depth varies). Plain decoding: "
+                  + ", ".join(f"{d} {v:.1f} tokens/s" for d, v in plain.items())
+                  + f"; one target forward {1000 * (pair.get('target_step_seconds') or 0):.1f} ms.", ""]
         lines += table(["drafter", "τ chain greedy", "τ chain sampling", "τ tree greedy", "τ tree sampling",
                         "speed-up chain greedy", "speed-up chain sampling", "speed-up tree greedy",
-                        "speed-up tree sampling", "greedy output = plain"], speed_rows, "lrrrrrrrrl")
+                        "speed-up tree sampling", "draft cost c", "greedy output = plain"], speed_rows,
+                       "lrrrrrrrrrl")
         if mismatches:
             lines += ["", "Greedy outputs that differ from plain greedy, first difference per row:", "", *mismatches]
     notes = ordering_notes(acceptance, cells)
