@@ -198,3 +198,43 @@ def test_cli_reports_bad_requests_without_a_traceback(capsys):
     assert main(["bench", "--experiments", "beam", "--no-progress"]) == 2
     assert "Unknown experiments" in capsys.readouterr().err
     torch.manual_seed(0)  # leave the global RNG seeded for whoever runs next
+
+
+def test_greedy_divergences_are_diagnosed_as_ties_or_real_differences():
+    """A row that leaves plain greedy is explained: at an exact tie of the top two logits it is float rounding
+    (`tie`), anywhere else a real difference."""
+    from hf_specdec.bench.experiments import Method
+    from hf_specdec.bench.report import main_row
+    from hf_specdec.bench.suite import BatchRun, diagnose_mismatches
+
+    target = testing.tiny_causal_lm("llama", vocab_size=64, num_layers=1, seed=0)
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    plain_tokens = target.generate(**batch, max_new_tokens=4, do_sample=False)[:, 3:]
+    chosen = int(plain_tokens[0, 2])
+    twin = max(set(range(chosen + 1, 64)) - set(plain_tokens[0].tolist()))
+    with torch.no_grad():  # `twin` gets the chosen token's LM-head row: an exact tie that argmax resolves to `chosen`
+        target.lm_head.weight[twin] = target.lm_head.weight[chosen]
+    assert torch.equal(target.generate(**batch, max_new_tokens=4, do_sample=False)[:, 3:], plain_tokens)
+    swapped = plain_tokens.clone()
+    swapped[0, 2] = twin
+    unrelated = plain_tokens.clone()
+    with torch.no_grad():
+        unrelated[0, 1] = target(torch.cat([batch["input_ids"], plain_tokens[:, :1]], 1)).logits[0, -1].argmin()
+
+    plain = Method("plain", "greedy", None)
+    methods = [plain, Method("chain", "greedy", None, drafter="tie"), Method("chain", "greedy", None, drafter="bad")]
+    runs = {plain.key: [[BatchRun(1.0, plain_tokens, 4)]], methods[1].key: [[BatchRun(1.0, swapped, 4)]],
+            methods[2].key: [[BatchRun(1.0, unrelated, 4)]]}
+    (tie,) = diagnose_mismatches(methods[1], methods, runs, {1: [batch]}, target)
+    assert tie["position"] == 2 and tie["tie"] and tie["logit_margin"] == 0.0
+    (real,) = diagnose_mismatches(methods[2], methods, runs, {1: [batch]}, target)
+    assert real["position"] == 1 and not real["tie"] and real["logit_margin"] > 1e-2
+
+    def row(mismatches):
+        overall = dict.fromkeys(("tokens_per_second", "speedup", "acceptance_rate", "mean_accepted_length",
+                                 "latency_p50", "latency_p95", "loop_efficiency", "theoretical_speedup",
+                                 "theoretical_speedup_with_verify_cost"))
+        return dict(name="chain", experiment="chain", batch_size=1, decoding="greedy",
+                    overall={**overall, "equal_to_plain": False}, greedy_mismatches=mismatches)
+
+    assert main_row(row([tie]))[9] == "tie ×1" and main_row(row([tie, real]))[9] == "NO"

@@ -173,6 +173,9 @@ def bench_pair(config: SuiteConfig, pair: Pair, prompts: list[Prompt], show_prog
     progress.close()
     costs = _step_costs(methods, pair.target)
     rows = [summarize_method(method, methods, runs, prompts, costs) for method in methods]
+    for method, row in zip(methods, rows):
+        if row["overall"]["equal_to_plain"] is False:
+            row["greedy_mismatches"] = diagnose_mismatches(method, methods, runs, batches, pair.target)
     return dict(**pair.description, target_parameters=_parameters(pair.target),
                 target_step_seconds=next(iter(costs.values()), {}).get("target_step_seconds"),
                 drafters={spec.name: dict(kind=spec.kind, parameters=_parameters(spec.model),
@@ -295,6 +298,36 @@ def _equal_to_plain(method: Method, first: list[BatchRun], baseline, indices: li
     if method.decoding != "greedy" or baseline is None:
         return None  # sampled outputs are checked statistically by the test suite, not here
     return all(torch.equal(run.sequences, baseline[0][i].sequences) for run, i in zip(first, indices))
+
+
+# A greedy divergence where plain decoding's top two logits differ by less than this (relative to the logit) is a
+# floating-point tie: a multi-token verify forward sums in another order than a one-token decoding step, so
+# near-equal logits can swap. Anything larger is a real difference. Half-precision dtypes round far more coarsely.
+TIE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@torch.no_grad()
+def diagnose_mismatches(method: Method, methods: list[Method], runs: dict, batches: dict, target) -> list[dict]:
+    """Where a greedy row left plain greedy: prompt row, first differing position, and plain decoding's logit
+    margin there (the target re-run on plain's own prefix). `tie` = the margin is within float rounding."""
+    plain = _plain_for(method, methods)
+    found = []
+    for index, (mine, reference) in enumerate(zip(runs[method.key][0], runs[plain.key][0])):
+        batch = batches[method.batch_size][index]
+        for row in range(reference.sequences.shape[0]):
+            expected, got = reference.sequences[row], mine.sequences[row]
+            differ = (expected != got).nonzero()
+            if not len(differ):
+                continue
+            position = int(differ[0])
+            prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            context = torch.cat([prompt, expected[:position].to(prompt.device)])[None]
+            logits = target(context).logits[0, -1].float()
+            margin = float(logits[expected[position]] - logits[got[position]])
+            tolerance = TIE_TOLERANCE.get(target.dtype, 1e-5) * max(1.0, float(logits[expected[position]].abs()))
+            found.append(dict(batch=index, row=row, position=position, plain_token=int(expected[position]),
+                              token=int(got[position]), logit_margin=margin, tie=abs(margin) <= tolerance))
+    return found
 
 
 def _step_costs(methods: list[Method], target) -> dict:
