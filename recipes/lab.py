@@ -801,64 +801,39 @@ def run_benchmark(args: LabArguments, drafters: dict[str, dict]) -> dict:
     return run_suite(suite_config(args, drafters), show_progress=True)
 
 
-NEAR_TIE = 1e-4  # float32 logits of one position computed in different forward shapes differ by ~1e-6
-
-
-@torch.no_grad()
-def explain_greedy_mismatches(args: LabArguments, drafters: dict[str, dict], cells: dict) -> list[str]:
-    """For every greedy row whose output differs from plain greedy, find the first differing token and the target's
-    gap between its two best logits there: a gap at float rounding level is a tie that the verify forward (many
-    positions at once) broke the other way, not a lossless-decoding bug."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_specdec.bench.prompts import encode, load_prompts
-    from hf_specdec.drafters import TreeConfig, load_drafter
-
-    mismatched = [(name, mode) for name, cell in cells.items() for mode in ("chain/greedy", "tree/greedy")
-                  if cell.get(mode, {}).get("equal_to_plain") is False]
-    if not mismatched:
-        return []
-    config = suite_config(args, drafters)
-    device = config.device
-    tokenizer = AutoTokenizer.from_pretrained(config.target)
-    target = AutoModelForCausalLM.from_pretrained(config.target).to(device).eval()
-    prompts = load_prompts(config.prompts, config.prompts_per_category)
-    notes = []
-    for name, mode in mismatched:
-        model = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).to(device).eval()
-        tree = TreeConfig(*config.tree) if mode.startswith("tree") else None
-        for prompt in prompts:
-            ids = torch.tensor([encode(prompt, tokenizer, config.max_prompt_tokens)], device=device)
-            plain = target.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens)[0, ids.shape[1] :]
-            drafter = load_drafter(str(drafter_dir(args, name)), num_draft_tokens=config.num_draft_tokens, tree=tree,
-                                   model=model)
-            spec = target.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens,
-                                   assistant_model=drafter)[0, ids.shape[1] :]
-            differs = [i for i in range(min(len(plain), len(spec))) if plain[i] != spec[i]]
-            if not differs:
-                continue
-            at = differs[0]
-            logits = target(torch.cat([ids[0], plain[:at]])[None]).logits[0, -1].float()
-            best, second = logits.topk(2).values.tolist()
-            gap = logits[plain[at]] - logits[spec[at]]
-            kind = "a float near-tie" if abs(float(gap)) <= NEAR_TIE else "NOT a tie: a real mismatch"
-            notes.append(f"- {name} {mode}, prompt {prompt.id}: first differs at new token {at} (plain "
-                         f"{int(plain[at])}, speculative {int(spec[at])}); the target's logits for the two differ by "
-                         f"{abs(float(gap)):.2g} (top-2 gap {best - second:.2g}): {kind}.")
-            break
-        else:
-            notes.append(f"- {name} {mode}: differed in the suite's run but not when rerun one prompt at a time.")
-    return notes
-
-
 def benchmark_cells(report: dict) -> dict[str, dict[str, dict]]:
-    """`{drafter: {"chain/greedy": overall metrics, ...}}` from the suite's rows (batch size 1)."""
+    """`{drafter: {"chain/greedy": overall metrics (+ the suite's greedy_mismatches), ...}}` from the suite's rows
+    (batch size 1)."""
     cells: dict[str, dict[str, dict]] = {}
     for row in report["pairs"][0]["rows"]:
         if row.get("drafter") is None or row.get("batch_size", 1) != 1:
             continue
-        cells.setdefault(row["drafter"], {})[f"{row['experiment']}/{row['decoding']}"] = row["overall"]
+        cell = dict(row["overall"], greedy_mismatches=row.get("greedy_mismatches", []))
+        cells.setdefault(row["drafter"], {})[f"{row['experiment']}/{row['decoding']}"] = cell
     return cells
+
+
+def lossless_verdict(cell: dict) -> str:
+    """`yes` when every greedy output equals plain greedy; `tie` when each difference starts where plain decoding's
+    two best logits are equal up to float rounding (the suite's diagnosis); `NO` otherwise."""
+    greedy = [cell[mode] for mode in ("chain/greedy", "tree/greedy") if mode in cell]
+    if greedy and all(metrics.get("equal_to_plain") is True for metrics in greedy):
+        return "yes"
+    mismatches = [m for metrics in greedy for m in metrics.get("greedy_mismatches", [])]
+    return "tie" if mismatches and all(m["tie"] for m in mismatches) else "NO"
+
+
+def mismatch_notes(cells: dict, prompt_ids: list[str]) -> list[str]:
+    notes = []
+    for name, cell in cells.items():
+        for mode in ("chain/greedy", "tree/greedy"):
+            for m in cell.get(mode, {}).get("greedy_mismatches", []):
+                kind = "a float near-tie" if m["tie"] else "NOT a tie: a real mismatch"
+                prompt = prompt_ids[m["batch"]] if m["batch"] < len(prompt_ids) else f"batch {m['batch']}"
+                notes.append(f"- {name} {mode}, prompt {prompt}: first differs at new token {m['position']} (plain "
+                             f"{m['plain_token']}, speculative {m['token']}); plain's logits for the two differ by "
+                             f"{abs(m['logit_margin']):.2g}: {kind}.")
+    return notes
 
 
 # ----- the report ---------------------------------------------------------------------------------------------
@@ -933,9 +908,10 @@ def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
 
 
 def build_report(args: LabArguments, records: dict, acceptance: dict, target_heldout: dict, bench: dict | None,
-                 timings: dict[str, float], mismatches: list[str]) -> tuple[str, dict]:
+                 timings: dict[str, float]) -> tuple[str, dict]:
     drafters = records["drafters"]
     cells = benchmark_cells(bench) if bench else {}
+    mismatches: list[str] = []
     target, data = records["target"]["metrics"], records["data"]["metrics"]
     corpus, vocab = records["corpus"]["metrics"], records["tokenizer"]["metrics"]["vocab_size"]
     pool = min(args.draft_train_blocks, data["train_blocks"])
@@ -987,11 +963,10 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
         speed_rows = []
         for name in drafters:
             cell, cost = cells.get(name, {}), pair.get("drafters", {}).get(name, {})
-            exact = [cell[m].get("equal_to_plain") for m in ("chain/greedy", "tree/greedy") if m in cell]
             speed_rows.append([
                 name, *(fmt(cell.get(mode, {}).get("mean_accepted_length"), 2) for mode in MODES),
                 *(fmt(cell.get(mode, {}).get("speedup"), 2, "×") for mode in MODES),
-                fmt(cost.get("cost_ratio"), 2), "yes" if exact and all(exact) else "NO",
+                fmt(cost.get("cost_ratio"), 2), lossless_verdict(cell),
             ])
         plain = {row["decoding"]: row["overall"]["tokens_per_second"] for row in bench["pairs"][0]["rows"]
                  if row["experiment"] == "plain" and row.get("batch_size", 1) == 1}
@@ -1006,8 +981,11 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
                         "speed-up chain greedy", "speed-up chain sampling", "speed-up tree greedy",
                         "speed-up tree sampling", "draft cost c", "greedy output = plain"], speed_rows,
                        "lrrrrrrrrrl")
+        mismatches = mismatch_notes(cells, [prompt["id"] for prompt in bench.get("prompts", [])])
         if mismatches:
-            lines += ["", "Greedy outputs that differ from plain greedy, first difference per row:", "", *mismatches]
+            heading = ("Greedy outputs that differ from plain greedy (the suite's diagnosis; `tie` in the last column "
+                       "when every difference starts at a float near-tie):")
+            lines += ["", heading, "", *mismatches]
     notes = ordering_notes(acceptance, cells)
     lines += ["", "## Do the papers' orderings reproduce here?", ""]
     lines += notes or ["- (not enough drafters to compare)"]
@@ -1071,14 +1049,8 @@ def run_lab(args: LabArguments) -> dict:
         bench_start = time.perf_counter()
         bench = run_benchmark(args, records["drafters"])
         timings["benchmark"] = time.perf_counter() - bench_start
-    mismatches = []
-    if bench:
-        diagnosis_start = time.perf_counter()
-        mismatches = explain_greedy_mismatches(args, records["drafters"], benchmark_cells(bench))
-        if mismatches:
-            timings["greedy mismatch diagnosis"] = time.perf_counter() - diagnosis_start
     timings["total (this run)"] = time.perf_counter() - start
-    markdown, payload = build_report(args, records, acceptance, target_heldout, bench, timings, mismatches)
+    markdown, payload = build_report(args, records, acceptance, target_heldout, bench, timings)
     Path(args.output_dir, "lab_report.md").write_text(markdown)
     Path(args.output_dir, "lab_report.json").write_text(json.dumps(payload, indent=2, default=str))
     print("\n" + markdown)

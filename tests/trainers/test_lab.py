@@ -148,17 +148,21 @@ def test_benchmark_through_the_suite_is_lossless(lab_dirs, tmp_path):
     assert "speed-up chain greedy" in report and "| NO |" not in report
 
 
-def test_greedy_mismatch_diagnosis_reruns_the_prompts(lab_dirs):
-    """A greedy row the suite flags is rerun prompt by prompt; here the outputs agree, and the note says so."""
-    pytest.importorskip("hf_specdec.bench")
+def test_greedy_differences_are_reported_from_the_suites_diagnosis():
     import lab
 
-    text_dir, output_dir, _ = lab_dirs
-    argv = ["--text_dir", str(text_dir), "--output_dir", str(output_dir), *TOY]
-    (args,) = lab.parse_args((lab.LabArguments,), argv)
-    cells = {"sft": {"chain/greedy": {"equal_to_plain": False}, "tree/greedy": {"equal_to_plain": True}}}
-    notes = lab.explain_greedy_mismatches(args, {"sft": {}}, cells)
-    assert notes == ["- sft chain/greedy: differed in the suite's run but not when rerun one prompt at a time."]
+    tie = {"batch": 1, "row": 0, "position": 7, "plain_token": 5, "token": 6, "logit_margin": 4.8e-7, "tie": True}
+    real = dict(tie, logit_margin=0.9, tie=False)
+    exact = {"equal_to_plain": True, "greedy_mismatches": []}
+    cells = {
+        "a": {"chain/greedy": exact, "tree/greedy": exact},
+        "b": {"chain/greedy": exact, "tree/greedy": {"equal_to_plain": False, "greedy_mismatches": [tie]}},
+        "c": {"chain/greedy": {"equal_to_plain": False, "greedy_mismatches": [tie, real]}, "tree/greedy": exact},
+    }
+    assert [lab.lossless_verdict(cells[name]) for name in "abc"] == ["yes", "tie", "NO"]
+    notes = lab.mismatch_notes(cells, ["heldout-001", "heldout-002"])
+    assert len(notes) == 3 and "b tree/greedy, prompt heldout-002" in notes[0] and "float near-tie" in notes[0]
+    assert "NOT a tie" in notes[2]
 
 
 def test_corpus_skips_large_generated_and_third_party_files(tmp_path):
