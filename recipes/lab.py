@@ -4,7 +4,8 @@ From a directory of text (by default the Python standard library's source on thi
 
 1. `corpus/`    the files, split into train / held-out by a hash of each file's relative path;
 2. `tokenizer/` a byte-level BPE tokenizer trained on the train split;
-3. `data/`      train and held-out blocks of `block_length` tokens, and held-out prompts (`heldout.jsonl`);
+3. `data/`      train and held-out blocks of `block_length` tokens;
+   `prompts/`   held-out prompts for the benchmark (`heldout.jsonl`, also copied to the output dir);
 4. `target/`    a small Llama trained with a plain `Trainer` (causal LM loss) — the model to speed up;
 5. `drafters/<name>/`, all from the same initial draft weights (`init`, kept as a baseline row):
    `sft` (cross-entropy on the text, no teacher), `distill-fkl` / `distill-tvd` (DistillTrainer, forward KL /
@@ -51,7 +52,7 @@ from _common import parse_args
 from trainers.data import DraftDataCollator
 
 MARKER = "lab_stage.json"
-LAB_VERSION = 1  # bump when a stage's code changes what it produces, so old caches are rebuilt
+LAB_VERSION = 2  # bump when a stage's code changes what it produces, so old caches are rebuilt
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft")
 METHODS = {
@@ -65,7 +66,7 @@ METHODS = {
 }
 # Files whose first lines say they were generated (codec tables, parser tables, ...) teach nothing about code.
 GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|do not edit", re.IGNORECASE)
-PROMPT_START = re.compile(r"^\s*(async\s+def|def|class)\s", re.MULTILINE)
+PROMPT_START = re.compile(r"^[ \t]*(async\s+def|def|class)\s", re.MULTILINE)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class LabArguments:
     vocab_size: int = field(default=2048, metadata={"help": "Byte-level BPE vocabulary size (incl. special tokens)."})
     block_length: int = field(default=256, metadata={"help": "Tokens per training block (files are packed)."})
     eval_blocks: int = field(
-        default=128, metadata={"help": "Held-out blocks used for the target's loss and the drafters' acceptance."}
+        default=128, metadata={"help": "Held-out blocks on which the target's loss and the drafters' acceptance are "
+                               "measured (every run; not part of any stage)."}
     )
     num_prompts: int = field(default=32, metadata={"help": "Held-out prompts written to heldout.jsonl."})
     prompt_min_tokens: int = field(default=48, metadata={"help": "Shortest held-out prompt, in tokens."})
@@ -457,11 +459,7 @@ def heldout_prompts(args: LabArguments, tokenizer, rows: list[dict]) -> list[dic
 
 
 def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
-    settings = {
-        "block_length": args.block_length, "eval_blocks": args.eval_blocks, "num_prompts": args.num_prompts,
-        "prompt_tokens": [args.prompt_min_tokens, args.prompt_max_tokens], "category": args.prompt_category,
-        "seed": args.seed, "tokenizer": tokenizer_record["key"],
-    }
+    settings = {"block_length": args.block_length, "seed": args.seed, "tokenizer": tokenizer_record["key"]}
 
     def build(directory: Path) -> dict:
         tokenizer = load_tokenizer(args)
@@ -472,22 +470,37 @@ def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
         if len(train) < max(args.batch_size, args.draft_batch_size) or len(heldout) == 0:
             raise ValueError(
                 f"Too little text: {len(train)} train and {len(heldout)} held-out blocks of {args.block_length} "
-                f"tokens (need at least the batch sizes, {args.batch_size} and {args.draft_batch_size}, and 1). Add text or shorten block_length."
+                f"tokens (need at least the batch sizes, {args.batch_size} and {args.draft_batch_size}, and 1). "
+                "Add text or shorten block_length."
             )
+        # Shuffled once, so that the first `eval_blocks` are a sample of every held-out file.
         heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(args.seed))]
         torch.save(train, directory / "train.pt")
-        torch.save(heldout[: args.eval_blocks], directory / "heldout.pt")
-        prompts = heldout_prompts(args, tokenizer, heldout_rows)
+        torch.save(heldout, directory / "heldout.pt")
+        return {"train_blocks": len(train), "train_tokens": train.numel(), "heldout_blocks": len(heldout),
+                "characters_per_token": round(sum(len(r["text"]) for r in train_rows) / max(train.numel(), 1), 3)}
+
+    return run_stage(Path(args.output_dir) / "data", settings, build, args.force)
+
+
+def prompts_stage(args: LabArguments, corpus_record: dict, tokenizer_record: dict) -> dict:
+    """The held-out prompts, in the benchmark suite's JSONL format, copied to `<output_dir>/heldout.jsonl`."""
+    settings = {
+        "num_prompts": args.num_prompts, "prompt_tokens": [args.prompt_min_tokens, args.prompt_max_tokens],
+        "category": args.prompt_category, "seed": args.seed, "corpus": corpus_record["key"],
+        "tokenizer": tokenizer_record["key"],
+    }
+
+    def build(directory: Path) -> dict:
+        prompts = heldout_prompts(args, load_tokenizer(args), read_split(Path(args.output_dir) / "corpus", "heldout"))
         if not prompts:
             raise ValueError("No held-out file is long enough for a prompt; lower prompt_min_tokens or add text.")
         with open(directory / "heldout.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in prompts)
-        return {"train_blocks": len(train), "train_tokens": train.numel(), "heldout_blocks": min(len(heldout),
-                args.eval_blocks), "heldout_tokens_available": heldout.numel(), "prompts": len(prompts),
-                "characters_per_token": round(sum(len(r["text"]) for r in train_rows) / max(train.numel(), 1), 3)}
+        return {"prompts": len(prompts)}
 
-    record = run_stage(Path(args.output_dir) / "data", settings, build, args.force)
-    shutil.copyfile(Path(args.output_dir) / "data" / "heldout.jsonl", Path(args.output_dir) / "heldout.jsonl")
+    record = run_stage(Path(args.output_dir) / "prompts", settings, build, args.force)
+    shutil.copyfile(Path(args.output_dir) / "prompts" / "heldout.jsonl", Path(args.output_dir) / "heldout.jsonl")
     return record
 
 
@@ -555,11 +568,8 @@ def causal_lm_trainer(args: LabArguments, model, tokenizer, directory: Path, ste
                       batch_size: int, train: torch.Tensor, callbacks=None) -> Trainer:
     """A plain `Trainer` with the model's own next-token cross-entropy on `train` blocks (target and `sft`)."""
     training_args = TrainingArguments(**trainer_arguments(args, directory, steps, learning_rate, batch_size))
-    return Trainer(
-        model=model, args=training_args, train_dataset=block_dataset(train),
-        eval_dataset=block_dataset(torch.load(Path(args.output_dir) / "data" / "heldout.pt")),
-        data_collator=DraftDataCollator(tokenizer.pad_token_id), callbacks=callbacks,
-    )
+    return Trainer(model=model, args=training_args, train_dataset=block_dataset(train),
+                   data_collator=DraftDataCollator(tokenizer.pad_token_id), callbacks=callbacks)
 
 
 def last_logged(history: list[dict], key: str) -> float | None:
@@ -585,7 +595,6 @@ def target_stage(args: LabArguments, data_record: dict) -> dict:
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
-        heldout_loss = trainer.evaluate()["eval_loss"]
         trainer.save_model(str(directory))
         tokenizer.save_pretrained(directory)
         steps = trainer.state.global_step
@@ -596,7 +605,6 @@ def target_stage(args: LabArguments, data_record: dict) -> dict:
             "tokens_per_second": round(steps * args.batch_size * args.block_length / seconds, 1),
             "mean_train_loss": round(output.training_loss, 4),
             "final_train_loss": round(train_loss, 4) if train_loss is not None else None,
-            "heldout_loss": round(heldout_loss, 4), "heldout_perplexity": round(math.exp(heldout_loss), 2),
         }
 
     return run_stage(Path(args.output_dir) / "target", settings, build, args.force)
@@ -748,7 +756,7 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
                 scorers[name, exit_layer] = lambda ids, draft=draft, e=exit_layer: exit_logits(draft, ids, None, [e])[e]
     totals = {key: torch.zeros(2, dtype=torch.float64) for key in scorers}
     target_totals = torch.zeros(2, dtype=torch.float64)  # the target's own next-token accuracy and loss
-    blocks = torch.load(Path(args.output_dir) / "data" / "heldout.pt")
+    blocks = torch.load(Path(args.output_dir) / "data" / "heldout.pt")[: args.eval_blocks]
     for batch in blocks.split(16):
         ids = batch.to(device)
         p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
@@ -767,7 +775,9 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
         else:  # the drafter's numbers are its last exit's; every exit is kept
             results.setdefault(name, {"exits": {}})["exits"][str(exit_layer)] = metrics
             results[name].update(metrics)
-    target_metrics = {"next_token_accuracy": float(target_totals[0]) / count, "loss": float(target_totals[1]) / count}
+    loss = float(target_totals[1]) / count
+    target_metrics = {"next_token_accuracy": float(target_totals[0]) / count, "loss": loss,
+                      "perplexity": math.exp(loss), "blocks": len(blocks)}
     log(f"held-out target: next-token accuracy {target_metrics['next_token_accuracy']:.4f}, loss "
         f"{target_metrics['loss']:.4f}")
     for name, metrics in results.items():
@@ -926,8 +936,8 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
         f"Target: Llama, {args.target_layers} layers × {args.target_hidden_size} wide, "
         f"{target['parameters'] / 1e6:.2f}M parameters, {target['steps']} steps × {args.batch_size} blocks "
         f"({target['train_tokens']:,} tokens at {target['tokens_per_second']:,.0f} tokens/s) → last logged train "
-        f"loss {target['final_train_loss']}, held-out loss {target['heldout_loss']} (perplexity "
-        f"{target['heldout_perplexity']}); on the held-out blocks it predicts the next token right "
+        f"loss {target['final_train_loss']}; on {target_heldout['blocks']} held-out blocks: loss "
+        f"{target_heldout['loss']:.4f} (perplexity {target_heldout['perplexity']:.2f}), next token right "
         f"{100 * target_heldout['next_token_accuracy']:.1f}% of the time."
     )
     draft_line = (
@@ -940,7 +950,7 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
     )
     legend = (
         "E[accept] = held-out Σ min(p, q) per token (what speculative sampling at temperature 1 accepts) and top-1 "
-        f"= greedy agreement with the target, over {data['heldout_blocks']} held-out blocks (for `soft`: its last "
+        f"= greedy agreement with the target, over {target_heldout['blocks']} held-out blocks (for `soft`: its last "
         "exit). α = accepted / drafted tokens in real speculative decoding of the held-out prompts: chains of "
         f"{args.num_draft_tokens}, trees of depth / top-k / nodes {'/'.join(map(str, args.tree))} (a tree's α "
         "counts every drafted node, so read its τ below)."
@@ -997,7 +1007,7 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
     )
     lines += ["", caveat, ""]
     time_rows = [[stage, fmt(records[stage]["seconds"], 1, " s"), "reused" if records[stage]["reused"] else "built"]
-                 for stage in ("corpus", "tokenizer", "data", "target")]
+                 for stage in ("corpus", "tokenizer", "data", "prompts", "target")]
     time_rows += [[f"drafters/{name}", fmt(record["seconds"], 1, " s"), "reused" if record["reused"] else "built"]
                   for name, record in drafters.items()]
     time_rows += [[name, fmt(seconds, 1, " s"), "this run"] for name, seconds in timings.items()]
@@ -1037,6 +1047,7 @@ def run_lab(args: LabArguments) -> dict:
     records = {"corpus": corpus_stage(args)}
     records["tokenizer"] = tokenizer_stage(args, records["corpus"])
     records["data"] = data_stage(args, records["tokenizer"])
+    records["prompts"] = prompts_stage(args, records["corpus"], records["tokenizer"])
     records["target"] = target_stage(args, records["data"])
     records["init"] = init_stage(args, records["tokenizer"])
     records["drafters"] = drafter_stages(args, records)

@@ -22,7 +22,7 @@ TOY = [
     "--soft_layers", "2", "--soft_exits", "1", "2", "--soft_exit_thresholds", "0.7", "0.0",
     "--bench_prompts", "2", "--max_new_tokens", "8", "--bench_repeats", "1", "--logging_steps", "1",
 ]  # fmt: skip
-STAGES = ("corpus", "tokenizer", "data", "target")
+STAGES = ("corpus", "tokenizer", "data", "prompts", "target")
 DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft")
 
 
@@ -78,7 +78,8 @@ def test_every_stage_produces_its_outputs(lab_dirs):
     corpus = payload["stages"]["corpus"]["metrics"]
     assert corpus["train"]["files"] > 0 and corpus["heldout"]["files"] > 0
     target = payload["stages"]["target"]["metrics"]
-    assert target["steps"] == 4 and target["heldout_loss"] > 0 and target["heldout_perplexity"] > 1
+    assert target["steps"] == 4 and target["final_train_loss"] > 0
+    assert payload["target_heldout"]["perplexity"] > 1 and 0 <= payload["target_heldout"]["next_token_accuracy"] <= 1
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "target")
     assert tokenizer.bos_token and tokenizer.eos_token and tokenizer.pad_token and len(tokenizer) == 320
@@ -127,6 +128,10 @@ def test_changed_settings_rebuild_only_what_depends_on_them(lab_dirs, tmp_path):
     # adaspec's reference is distill-fkl, and distill-fkl-long takes AdaSPEC's step count: both follow it
     payload = run(text_dir, copy, "--benchmark", "false", "--sft_steps", "3", "--distill_fkl_steps", "3")
     assert rebuilt(payload) == {"distill-fkl", "adaspec", "distill-fkl-long"}
+    # prompts and measuring settings retrain nothing
+    payload = run(text_dir, copy, "--benchmark", "false", "--sft_steps", "3", "--distill_fkl_steps", "3",
+                  "--num_prompts", "3", "--eval_blocks", "4")
+    assert rebuilt(payload) == {"prompts"} and len((copy / "heldout.jsonl").read_text().splitlines()) == 3
 
 
 def test_benchmark_through_the_suite_is_lossless(lab_dirs, tmp_path):
