@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         config = suite_config_from_args(args)
     except ValueError as error:
         print(f"hf-specdec bench: {error}", file=sys.stderr)
+        return 2
+    if args.out is not None and importlib.util.find_spec("matplotlib") is None:  # fail before a long run, not after
+        print('hf-specdec bench: --out draws plots with matplotlib: pip install "hf-specdec[bench]".', file=sys.stderr)
         return 2
     report = run_suite(config, show_progress=not args.no_progress)
     print(format_suite_report(report, markdown=args.markdown))

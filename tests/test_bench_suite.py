@@ -238,3 +238,12 @@ def test_greedy_divergences_are_diagnosed_as_ties_or_real_differences():
                     overall={**overall, "equal_to_plain": False}, greedy_mismatches=mismatches)
 
     assert main_row(row([tie]))[9] == "tie ×1" and main_row(row([tie, real]))[9] == "NO"
+
+
+def test_out_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    assert main(["bench", "--quick", "--out", str(tmp_path / "suite"), "--no-progress"]) == 2
+    assert "hf-specdec[bench]" in capsys.readouterr().err and not (tmp_path / "suite").exists()
