@@ -134,6 +134,16 @@ def test_changed_settings_rebuild_only_what_depends_on_them(lab_dirs, tmp_path):
     assert rebuilt(payload) == {"prompts"} and len((copy / "heldout.jsonl").read_text().splitlines()) == 3
 
 
+def test_on_policy_distillation_retrains_the_distilled_drafters(lab_dirs, tmp_path):
+    text_dir, output_dir, _ = lab_dirs
+    copy = tmp_path / "out"
+    shutil.copytree(output_dir, copy)
+    payload = run(text_dir, copy, "--benchmark", "false", "--distill_lmbda", "0.5")
+    assert rebuilt(payload) == {"distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long"}
+    on_policy = payload["drafters"]["distill-fkl"]["metrics"]["steps"]
+    assert on_policy == 2
+
+
 def test_benchmark_through_the_suite_is_lossless(lab_dirs, tmp_path):
     bench = pytest.importorskip("hf_specdec.bench")
     if not hasattr(bench, "run_suite"):
