@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .drafters import ModelDrafter, NGramDrafter
-from .drafters.loading import drafter_kind, load_drafter
+from .drafters.loading import drafter_kind, lab_checkpoints, load_drafter
 from .testing import DEFAULT_PAIR_SHAPE, SyntheticTokenizer, build_synthetic_pair
 
 TITLE = "hf_specdec — speculative decoding, live"
@@ -332,16 +332,11 @@ def _pretrained_loader(path: str, *, dtype: torch.dtype, device: str) -> Callabl
 
 def lab_options(directory: str | Path, *, dtype: torch.dtype, device: str) -> dict[str, TargetOption]:
     """`DIR/target/` (model + tokenizer) with every drafter saved under `DIR/drafters/<name>/`, plus n-gram."""
-    directory = Path(directory)
-    if not (directory / "target" / "config.json").is_file():
-        raise ValueError(f"{directory} is not a lab directory: {directory / 'target' / 'config.json'} is missing "
-                         "(write one with recipes/lab.py).")
-    drafters = {}
-    for path in sorted((directory / "drafters").glob("*/config.json")):
-        checkpoint = str(path.parent)
-        drafters[f"{path.parent.name} ({drafter_kind(checkpoint)})"] = _checkpoint_drafter(checkpoint, dtype=dtype)
+    target, checkpoints = lab_checkpoints(directory)
+    drafters = {f"{name} ({drafter_kind(path)})": _checkpoint_drafter(path, dtype=dtype)
+                for name, path in checkpoints.items()}
     drafters[NGRAM_DRAFTER] = _ngram_drafter
-    return {"lab": TargetOption(_pretrained_loader(str(directory / "target"), dtype=dtype, device=device), drafters)}
+    return {"lab": TargetOption(_pretrained_loader(target, dtype=dtype, device=device), drafters)}
 
 
 def checkpoint_options(target: str, draft: str | None, *, dtype: torch.dtype, device: str) -> dict[str, TargetOption]:

@@ -159,18 +159,18 @@ class _Run:
         self.stats.target_forwards += 1
 
         rows = self.active.cpu()
-        self.stats.drafted[rows] += draft.valid.sum(-1).cpu()
-        self.stats.accepted[rows] += verdict.num_accepted.cpu()
+        drafted, accepted = draft.valid.sum(-1).cpu(), verdict.num_accepted.cpu()
+        self.stats.drafted[rows] += drafted
+        self.stats.accepted[rows] += accepted
         self.stats.rejected[rows] += verdict.rejected.long().cpu()
         self.stats.rounds[rows] += 1
-        self.stats.record_accepted_lengths(verdict.num_accepted.cpu())
+        self.stats.record_accepted_lengths(accepted)
 
         new_tokens = torch.cat([draft.tokens.gather(1, verdict.path.clamp(min=0)), verdict.next_token[:, None]], 1)
         new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
         # the distribution behind each emitted token sits at its parent's chunk position
         sources = (processed, logits, accepted_chunk[:, : new_tokens.shape[1]])
-        drafted = (verdict.num_accepted, draft.valid.sum(-1))  # for speculative streamers
-        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, drafted))
+        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, (accepted, drafted)))
         self.target.compact()
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
@@ -212,7 +212,8 @@ class _Run:
     def _append(self, tokens, counts, sources, drafted=None):
         """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion.
         `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits;
-        `drafted` = (accepted draft tokens, tokens drafted) per row this round; None: tokens are the target's own."""
+        `drafted` = (accepted draft tokens, tokens drafted) per row this round, on the CPU; None: tokens are the
+        target's own."""
         rows = self.active
         lengths = self.lengths[rows]
         counts = torch.minimum(counts, self.max_length - lengths)

@@ -44,9 +44,7 @@ class SpecStats:
 
     def record_accepted_lengths(self, num_accepted: torch.Tensor) -> None:
         """Add one round's accepted counts (one per active row) to the histogram."""
-        counts = torch.bincount(num_accepted, minlength=len(self.accepted_length_counts)).tolist()
-        self.accepted_length_counts.extend([0] * (len(counts) - len(self.accepted_length_counts)))
-        self.accepted_length_counts = [total + new for total, new in zip(self.accepted_length_counts, counts)]
+        self.accepted_length_counts = add_counts(self.accepted_length_counts, torch.bincount(num_accepted).tolist())
 
     @property
     def acceptance_rate(self) -> float:
@@ -100,3 +98,9 @@ class SpecStats:
             "accepted_length_counts": list(self.accepted_length_counts),
             **({"exit_counts": dict(self.exit_counts)} if self.exit_counts else {}),
         }
+
+
+def add_counts(total: list[int], more: list[int]) -> list[int]:
+    """Element-wise sum of two histograms of possibly different lengths."""
+    longer, shorter = (total, more) if len(total) >= len(more) else (more, total)
+    return [count + (shorter[index] if index < len(shorter) else 0) for index, count in enumerate(longer)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..drafters import NGramDrafter, SortedDrafter, TreeConfig
+from ..drafters import NGramDrafter, SortedDrafter
 from .pairs import Pair
 
 EXPERIMENTS = ("plain", "assisted", "chain", "tree", "ngram", "gamma-sweep", "batch-sweep", "sorted")
@@ -135,7 +135,7 @@ def sorted_methods(config, target, speculative, decoding: str) -> list[Method]:
     The formula's c (a separate draft model's cost) does not apply, so these rows have no theory column."""
     exits = list(config.sorted_exits)
     thresholds = list(config.sorted_thresholds) or [0.7] * (len(exits) - 1)
-    gamma, _tree = config.num_draft_tokens, config.tree_config
+    gamma, tree = config.num_draft_tokens, config.tree_config
 
     def row(label, tree_config=None, **kwargs):
         def make():
@@ -146,6 +146,6 @@ def sorted_methods(config, target, speculative, decoding: str) -> list[Method]:
 
     rows = [row(f"sorted exit {e}", exits=[e]) for e in exits]
     rows.append(row(f"sorted adaptive {exits}", exits=exits, thresholds=thresholds))
-    rows.append(row(f"sorted tree exit {exits[-1]}", TreeConfig(*config.tree), exits=[exits[-1]]))
-    rows.append(row(f"sorted tree adaptive {exits}", TreeConfig(*config.tree), exits=exits, thresholds=thresholds))
+    rows.append(row(f"sorted tree exit {exits[-1]}", tree, exits=[exits[-1]]))
+    rows.append(row(f"sorted tree adaptive {exits}", tree, exits=exits, thresholds=thresholds))
     return rows

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .. import testing
-from ..drafters import ModelDrafter, TreeConfig, drafter_kind, load_drafter
+from ..drafters import ModelDrafter, TreeConfig, drafter_kind, load_drafter, load_drafter_model
 from .measure import DTYPES
 
 
@@ -50,16 +49,6 @@ class Pair:
         return (eos[0] if isinstance(eos, list) else eos) if eos is not None else testing.PAD_TOKEN_ID
 
 
-def lab_checkpoints(lab_dir: str) -> tuple[str, dict[str, str]]:
-    """The target folder and {name: folder} of every drafter a lab run saved."""
-    root = Path(lab_dir)
-    drafters = {path.name: str(path) for path in sorted((root / "drafters").glob("*")) if (path / "config.json").exists()}
-    if not (root / "target" / "config.json").exists() or not drafters:
-        raise ValueError(f"{lab_dir} is not a lab output (expected target/ and drafters/<name>/); run "
-                         "`python recipes/lab.py --output_dir {lab_dir}` first.")
-    return str(root / "target"), drafters
-
-
 def iterate_pairs(config) -> Iterator[Pair]:
     """Yield the pairs a `SuiteConfig` asks for, loading one at a time (big models leave memory in between)."""
     if config.target is None:
@@ -86,13 +75,8 @@ def _load_model(name_or_path: str, config):
 
 
 def _load_drafter_spec(name: str, name_or_path: str, config) -> DrafterSpec:
-    from transformers import AutoModelForCausalLM
-
-    from ..guided import GuidedDrafter
-
     kind = drafter_kind(name_or_path)
-    model_class = GuidedDrafter if kind == "guided" else AutoModelForCausalLM
-    model = model_class.from_pretrained(name_or_path, dtype=DTYPES[config.dtype]).to(config.device).eval()
+    model = load_drafter_model(name_or_path, kind, dtype=DTYPES[config.dtype]).to(config.device)
     return DrafterSpec(name, kind, model, name_or_path)
 
 

@@ -7,6 +7,7 @@ from the same runs. A batch's time is its median over the repeats; a row's token
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from .. import testing
-from ..drafters import TreeConfig
+from ..drafters import TreeConfig, lab_checkpoints
+from ..stats import add_counts
 from .experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS, Method, build_methods
 from .measure import (
     DTYPES,
@@ -29,7 +31,7 @@ from .measure import (
     synchronize,
     theoretical_speedup,
 )
-from .pairs import Pair, iterate_pairs, lab_checkpoints
+from .pairs import Pair, iterate_pairs
 from .prompts import BUILTIN_CATEGORIES, Prompt, encode, left_padded_batches, load_prompts
 
 QUICK_PAIR = dict(hidden_size=64, num_layers=4, draft_layers=1, vocab_size=512, intermediate_size=128, num_heads=4,
@@ -249,7 +251,7 @@ def summarize_method(method: Method, methods: list[Method], runs: dict, prompts:
     row = dict(experiment=method.experiment, name=method.name, drafter=method.drafter, batch_size=method.batch_size,
                decoding=method.decoding, num_draft_tokens=method.num_draft_tokens,
                tree=None if method.tree is None else list(method.tree), overall=stats.pop("overall"),
-               categories=stats, accepted_length_counts=_sum_lists(run.accepted_length_counts for run in first))
+               categories=stats, accepted_length_counts=functools.reduce(add_counts, (run.accepted_length_counts for run in first), []))
     exits = _sum_dicts(run.exit_counts for run in first)
     if exits:
         row["exit_counts"] = {str(layer): count for layer, count in sorted(exits.items())}
@@ -351,14 +353,6 @@ def _drafter_costs(costs: dict, model) -> dict:
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
-
-
-def _sum_lists(lists) -> list[int]:
-    total: list[int] = []
-    for values in lists:
-        total.extend([0] * (len(values) - len(total)))
-        total = [a + b for a, b in zip(total, values)] + total[len(values):]
-    return total
 
 
 def _sum_dicts(dicts) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .base import Drafter, TreeConfig
@@ -18,20 +20,37 @@ def drafter_kind(name_or_path: str) -> str:
     return "sorted" if getattr(config, "sorted_exits", None) else "model"
 
 
+def load_drafter_model(name_or_path: str, kind: str | None = None, **model_kwargs):
+    """The model behind a drafter checkpoint (a `GuidedDrafter` or a causal LM), in eval mode."""
+    from ..guided import GuidedDrafter
+
+    kind = kind or drafter_kind(name_or_path)
+    model_class = GuidedDrafter if kind == "guided" else AutoModelForCausalLM
+    return model_class.from_pretrained(name_or_path, **model_kwargs).eval()
+
+
+def lab_checkpoints(lab_dir: str | Path) -> tuple[str, dict[str, str]]:
+    """The target folder and {name: folder} of every drafter a `recipes/lab.py` run saved."""
+    root = Path(lab_dir)
+    if not (root / "target" / "config.json").is_file():
+        raise ValueError(f"{lab_dir} is not a lab directory — not a lab output (expected target/config.json and "
+                         f"drafters/<name>/); write one with `python recipes/lab.py --output_dir {lab_dir}`.")
+    drafters = {path.parent.name: str(path.parent) for path in sorted((root / "drafters").glob("*/config.json"))}
+    return str(root / "target"), drafters
+
+
 def load_drafter(name_or_path: str, *, num_draft_tokens: int = 5, tree: TreeConfig | None = None,
                  model=None, **model_kwargs) -> Drafter:
     """The drafter a checkpoint holds: `GuidedModelDrafter`, `SortedDrafter` (its saved exits and thresholds) or
     `ModelDrafter`. `model_kwargs` (dtype, ...) go to `from_pretrained`; pass an already loaded `model` to reuse
     its weights (a new drafter per call keeps no state between generate() calls)."""
-    from ..guided import GuidedDrafter
     from .guided import GuidedModelDrafter
     from .model import ModelDrafter
     from .sorted import SortedDrafter
 
     kind = drafter_kind(name_or_path)
     if model is None:
-        model_class = GuidedDrafter if kind == "guided" else AutoModelForCausalLM
-        model = model_class.from_pretrained(name_or_path, **model_kwargs).eval()
+        model = load_drafter_model(name_or_path, kind, **model_kwargs)
     if kind == "sorted":
         return SortedDrafter(model, model.config.sorted_exits, getattr(model.config, "sorted_exit_thresholds", None),
                              num_draft_tokens=num_draft_tokens, tree=tree)
