@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_argument
+
 
 class SlotCache:
     """Slot bookkeeping for one model's KV cache, or for one segment of its layers.
@@ -143,7 +145,8 @@ class SlotCache:
 
     def _run_model(self, input_ids, attention_mask, position_ids, cache, **model_kwargs):
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=cache, use_cache=True, **model_kwargs)
+                          position_ids=position_ids, use_cache=True, **{cache_argument(self.model): cache},
+                          **model_kwargs)
 
     def _owned_layers(self):
         layers = self.cache.layers

@@ -11,14 +11,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import SlotCache
+from .compat import hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
-from .processors import TreePrefixes, apply_processors
+from .options import check_generate_options
+from .processors import BatchText, TreePrefixes, apply_processors
 from .stats import SpecStats
 from .verify import verify
 
@@ -48,7 +49,7 @@ def speculative_generate(
     Use it as `model.generate(**inputs, assistant_model=drafter)` (after `import hf_specdec`) or as
     `model.generate(**inputs, custom_generate=hf_specdec.speculative_generate, drafter=drafter)`.
     """
-    _validate(model, input_ids, generation_config, drafter, model_kwargs)
+    _validate(model, input_ids, generation_config, drafter, model_kwargs, logits_processor or [])
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, stream_to,
                model_kwargs.get("attention_mask"))
     return run.generate(num_draft_tokens)
@@ -78,6 +79,7 @@ class _Run:
         if mask is not None:
             self.token_mask[:, :prompt_length] = mask.bool()
         self.lengths = torch.full((batch_size,), prompt_length, dtype=torch.long, device=self.device)
+        self.batch_text = BatchText(self.sequences, self.lengths, self.pad_token)
         self.active = torch.arange(batch_size, device=self.device)
         self.do_sample = bool(config.do_sample)
         self.vocab_size = model.config.get_text_config().vocab_size
@@ -116,13 +118,16 @@ class _Run:
 
     def _prefill(self):
         rows = self.active
-        valid = self.token_mask[rows, : self.prompt_length]
         tick = _clock(self.device)
-        outputs = self.target.forward_committed(self.sequences[rows, : self.prompt_length], valid, logits_to_keep=1,
-                                                **self._hidden_request())
+        chunk = self.config.prefill_chunk_size or self.prompt_length  # generate(prefill_chunk_size=...) bounds memory
+        for start in range(0, self.prompt_length, chunk):
+            end = min(start + chunk, self.prompt_length)
+            outputs = self.target.forward_committed(self.sequences[rows, start:end], self.token_mask[rows, start:end],
+                                                    logits_to_keep=1,
+                                                    **(self._hidden_request() if end == self.prompt_length else {}))
         self.stats.target_forward_seconds += _clock(self.device) - tick
         logits = outputs.logits[:, -1:].float()
-        self._keep_hidden(outputs, torch.full((len(rows),), self.prompt_length - 1, device=self.device))
+        self._keep_hidden(outputs, torch.full((len(rows),), end - start - 1, device=self.device))
         prefixes = self._state().prefixes(self.sequences[rows, None, :0],
                                           torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
         processed = apply_processors(self.processors, logits, prefixes)
@@ -175,7 +180,7 @@ class _Run:
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
     def _hidden_request(self) -> dict:
-        return {"output_hidden_states": self.hidden_layers} if self.hidden_layers else {}
+        return hidden_states_request(self.hidden_layers) if self.hidden_layers else {}
 
     def _keep_hidden(self, outputs, positions: torch.Tensor):
         """The target's states at each row's last accepted position (whose logits gave the bonus token)."""
@@ -204,7 +209,7 @@ class _Run:
             do_sample=self.do_sample,
             vocab_size=self.vocab_size,
             row_ids=rows,
-            batch_size=len(self.sequences),
+            batch=self.batch_text,
             target_config=self.model.config,
             target_hidden=self.target_hidden,
         )
@@ -231,7 +236,8 @@ class _Run:
         self._record_scores(rows, lengths, counts, *sources)
         self.lengths[rows] = lengths + counts
         if self.extra_criteria:
-            ended |= self._apply_stopping_criteria(rows, lengths, counts)
+            stopped, counts = self._apply_stopping_criteria(rows, lengths, counts)
+            ended |= stopped
         if self.streamer is not None:
             accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
             self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
@@ -246,19 +252,32 @@ class _Run:
         else:
             self.streamer.put(tokens)
 
-    def _apply_stopping_criteria(self, rows, old_lengths, counts) -> torch.Tensor:
-        """Check user stopping criteria after every appended token, as plain generate does, and cut there."""
-        stopped = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        for index in range(len(rows)):
-            row = int(rows[index])
-            for length in range(int(old_lengths[index]) + 1, int(old_lengths[index] + counts[index]) + 1):
-                prefix = self.sequences[row : row + 1, :length]
-                if any(bool(criterion(prefix, None).any()) for criterion in self.extra_criteria):
-                    self.sequences[row, length:] = self.pad_token
-                    self.lengths[row] = length
-                    stopped[index] = True
-                    break
-        return stopped
+    def _apply_stopping_criteria(self, rows, old_lengths, counts):
+        """Check user stopping criteria after every appended token and cut there, as plain generate() does: each
+        call sees the whole batch at one length (rows shorter than that padded, as plain shows finished rows) and
+        the scores so far when `output_scores` keeps them. Returns (stopped rows, their new token counts)."""
+        new_lengths = old_lengths + counts
+        stop_length = torch.zeros_like(counts)  # 0 = not stopped this round
+        for length in range(int(old_lengths.min()) + 1, int(new_lengths.max()) + 1):
+            reached = (old_lengths < length) & (length <= new_lengths) & (stop_length == 0)
+            if not bool(reached.any()):
+                continue
+            input_ids = self.batch_text.at_length(length)
+            scores = tuple(self.scores[: length - self.prompt_length]) if self.want_scores else None
+            fired = torch.zeros(len(self.sequences), dtype=torch.bool, device=self.device)
+            for criterion in self.extra_criteria:
+                fired |= criterion(input_ids, scores).to(self.device)
+            stop_length = torch.where(reached & fired[rows], length, stop_length)
+        stopped = stop_length > 0
+        for index in stopped.nonzero()[:, 0].tolist():
+            row, length = int(rows[index]), int(stop_length[index])
+            self.sequences[row, length:] = self.pad_token
+            self.lengths[row] = length
+            for position in range(length - self.prompt_length, int(new_lengths[index]) - self.prompt_length):
+                for store in (self.scores, self.raw_logits):
+                    if position < len(store):
+                        store[position][row] = 0
+        return stopped, torch.where(stopped, stop_length - old_lengths, counts)
 
     def _record_scores(self, rows, lengths, counts, processed, raw_logits, positions):
         """Keep, per generated position, the (processed) target scores that produced each token, like generate()."""
@@ -350,7 +369,7 @@ def _place_bonus(tokens: torch.Tensor, num_accepted: torch.Tensor, bonus: torch.
     return torch.where(positions == num_accepted[:, None], bonus[:, None], tokens)
 
 
-def _validate(model, input_ids, config, drafter, model_kwargs):
+def _validate(model, input_ids, config, drafter, model_kwargs, processors):
     if not isinstance(drafter, Drafter):
         raise TypeError(
             "speculative_generate needs an hf_specdec drafter: pass `assistant_model=ModelDrafter(draft_model)` "
@@ -359,26 +378,19 @@ def _validate(model, input_ids, config, drafter, model_kwargs):
     if model.config.is_encoder_decoder:
         raise ValueError("hf_specdec supports decoder-only targets; for encoder-decoder models use plain "
                          "`generate(assistant_model=<a transformers model>)`.")
-    if (config.num_beams or 1) > 1:
-        raise ValueError("Beam search cannot be combined with a drafter: set num_beams=1 (greedy or sampling).")
     attention = getattr(model.config, "_attn_implementation", None)
     if attention in UNSUPPORTED_ATTENTION:
         raise ValueError(
             f"Speculative decoding verifies draft trees with a custom 4D attention mask, which {attention} cannot "
             "take. Load the target (and drafter) with attn_implementation='sdpa' or 'eager'."
         )
-    cache = model_kwargs.get("past_key_values")
-    if isinstance(cache, StaticCache) or config.cache_implementation not in (None, "dynamic"):
-        raise ValueError("hf_specdec manages its own dynamic KV cache; drop `cache_implementation` / the static "
-                         "cache from the generate() call.")
-    if cache is not None and cache.get_seq_length() > 0:
-        raise ValueError("hf_specdec cannot continue from a pre-filled `past_key_values`; pass the full prompt.")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("hf_specdec needs `input_ids` prompts, not `inputs_embeds`.")
+    check_generate_options(config, model_kwargs, processors, input_ids)
     mask = model_kwargs.get("attention_mask")
     if mask is not None and input_ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
         raise ValueError("Right padding detected: speculative decoding needs left-padded batches. Set "
                          "`tokenizer.padding_side = 'left'` before tokenizing the prompts.")
-    if model_kwargs.get("inputs_embeds") is not None:
-        raise ValueError("hf_specdec needs `input_ids` prompts, not `inputs_embeds`.")
 
 
 def _first_token(tensor, default: int) -> int:

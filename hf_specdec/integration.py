@@ -1,9 +1,12 @@
-"""The one module that touches transformers internals: a small, version-guarded hook on `generate()`.
+"""The hook on `generate()`: hf_specdec drafters given as `assistant_model` run the speculative engine.
 
 After `import hf_specdec`, `model.generate(..., assistant_model=<hf_specdec Drafter>)` runs our engine through
-transformers' official `custom_generate` door; any other `assistant_model` (a plain transformers model) keeps
-transformers' own assisted generation. transformers does not forward `streamer` to `custom_generate` callables,
-so the hook hands it over under a name of our own (and the engine streams the prompt itself).
+transformers' official `custom_generate` door; every other call (a plain transformers `assistant_model`
+included) goes to transformers' own `generate()` untouched, positional arguments and all. transformers forwards
+to a callable `custom_generate` only its own extra parameters, so the hook hands over what it would drop:
+`streamer` (as `stream_to`), the `tokenizer` of `stop_strings` (as a ready `StopStringCriteria`), and refuses
+`synced_gpus` / `assistant_tokenizer`, which the engine does not implement. The transformers internals this
+relies on are listed in `compat.py`.
 """
 
 from __future__ import annotations
@@ -11,46 +14,62 @@ from __future__ import annotations
 import functools
 import inspect
 
-import transformers
-from packaging.version import Version
+from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerationMixin
 
+from .compat import check_transformers_version
 from .drafters.base import Drafter
 from .engine import speculative_generate
 
-SUPPORTED_TRANSFORMERS = (Version("5.20.0"), Version("5.24.0"))  # [min, max)
-_REQUIRED_GENERATE_PARAMETERS = ("assistant_model", "streamer", "custom_generate")
-
-
-def check_transformers_version() -> None:
-    version = Version(transformers.__version__)
-    low, high = SUPPORTED_TRANSFORMERS
-    parameters = inspect.signature(_original_generate).parameters
-    missing = [name for name in _REQUIRED_GENERATE_PARAMETERS if name not in parameters]
-    if not low <= version < high or missing:
-        raise ImportError(
-            f"hf_specdec supports transformers >= {low}, < {high}; found {transformers.__version__}. "
-            f'Install a supported version, e.g. `pip install "transformers>={low},<{high}"`.'
-        )
-
-
 _original_generate = getattr(GenerationMixin.generate, "__hf_specdec_original__", GenerationMixin.generate)
+_GENERATE_SIGNATURE = inspect.signature(_original_generate)
 
 
 @functools.wraps(_original_generate)
-def generate(self, *args, assistant_model=None, streamer=None, custom_generate=None, **kwargs):
-    assistant_model = _as_drafter(assistant_model)
-    if isinstance(assistant_model, Drafter):
-        kwargs["drafter"] = assistant_model
-        custom_generate = speculative_generate
-    if custom_generate is speculative_generate:
-        kwargs.setdefault("num_draft_tokens", _requested_draft_length(self, kwargs))
-        return _original_generate(self, *args, custom_generate=speculative_generate, stream_to=streamer, **kwargs)
-    return _original_generate(self, *args, assistant_model=assistant_model, streamer=streamer,
-                              custom_generate=custom_generate, **kwargs)
+def generate(self, *args, **kwargs):
+    bound = _GENERATE_SIGNATURE.bind(self, *args, **kwargs)
+    named = {name: value for name, value in bound.arguments.items() if name not in ("self", "kwargs")}
+    extra = dict(bound.arguments.get("kwargs", {}))
+    drafter = _as_drafter(named.get("assistant_model"))
+    if isinstance(drafter, Drafter):
+        extra["drafter"] = drafter
+    elif named.get("custom_generate") is not speculative_generate:
+        return _original_generate(self, *args, **kwargs)
+    named.pop("assistant_model", None)
+    _refuse_dropped_arguments(named, extra)
+    _stop_strings_as_criteria(self, named, extra)
+    extra.setdefault("num_draft_tokens", _requested_draft_length(self, named, extra))
+    extra["stream_to"] = named.pop("streamer", None)
+    named["custom_generate"] = speculative_generate
+    return _original_generate(self, **named, **extra)
 
 
 generate.__hf_specdec_original__ = _original_generate
+
+
+def _refuse_dropped_arguments(named: dict, extra: dict) -> None:
+    if named.get("synced_gpus"):
+        raise ValueError("synced_gpus (ZeRO-3 / FSDP generation across processes) is not supported with an "
+                         "hf_specdec drafter: rows would advance by different amounts on each process. Gather the "
+                         "target on each process, or generate without a drafter.")
+    if extra.get("assistant_tokenizer") is not None:
+        raise ValueError("hf_specdec drafters share the target's tokenizer; drop `assistant_tokenizer` (for a "
+                         "drafter with another tokenizer use transformers' own `assistant_model=<model>` with "
+                         "`tokenizer=` and `assistant_tokenizer=`).")
+
+
+def _stop_strings_as_criteria(model, named: dict, extra: dict) -> None:
+    """transformers drops `tokenizer` on its way to a callable custom_generate, then cannot build the stop-string
+    criterion; build it here and take `stop_strings` out of the options."""
+    tokenizer = extra.get("tokenizer")
+    config = named.get("generation_config") or model.generation_config
+    stop_strings = extra.get("stop_strings", getattr(config, "stop_strings", None))
+    if not stop_strings or tokenizer is None:
+        return  # without a tokenizer, transformers raises its own clear error
+    criteria = StoppingCriteriaList(named.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    named["stopping_criteria"] = criteria
+    extra["stop_strings"] = None
 
 
 def _as_drafter(assistant_model):
@@ -63,15 +82,15 @@ def _as_drafter(assistant_model):
     return assistant_model._hf_specdec_drafter
 
 
-def _requested_draft_length(model, kwargs) -> int | None:
+def _requested_draft_length(model, named: dict, extra: dict) -> int | None:
     """`num_assistant_tokens` as the user set it (generate kwarg, generation_config, or the model's config).
 
     transformers fills an unset value with its assisted-generation default before the loop runs, so the engine
     could not tell a user's choice from that default; we read it here, before generate() does.
     """
-    if kwargs.get("num_assistant_tokens") is not None:
-        return kwargs["num_assistant_tokens"]
-    for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+    if extra.get("num_assistant_tokens") is not None:
+        return extra["num_assistant_tokens"]
+    for config in (named.get("generation_config"), getattr(model, "generation_config", None)):
         if config is not None and getattr(config, "num_assistant_tokens", None) is not None:
             return config.num_assistant_tokens
     return None

@@ -419,3 +419,23 @@ class SyntheticTokenizer:
         if pending:
             pieces.append(pending.decode("utf-8", errors="replace"))
         return "".join(pieces)
+
+
+def character_tokenizer(vocab_size: int = 96):
+    """A real `PreTrainedTokenizerFast` (so stop strings, chat-free decoding and `StopStringCriteria` work) for the
+    tiny test models: ids 0/1/2 are pad/BOS/EOS, every other id is one printable character."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " "
+    characters = alphabet[: vocab_size - FIRST_ORDINARY_TOKEN_ID]
+    if len(characters) != vocab_size - FIRST_ORDINARY_TOKEN_ID:
+        raise ValueError(f"character_tokenizer covers at most {len(alphabet) + FIRST_ORDINARY_TOKEN_ID} ids.")
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": BOS_TOKEN_ID, "</s>": EOS_TOKEN_ID}
+    vocab.update({character: FIRST_ORDINARY_TOKEN_ID + index for index, character in enumerate(characters)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   padding_side="left")

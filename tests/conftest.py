@@ -76,3 +76,8 @@ def one_thread():
 def llama_pair():
     target = tiny_model("llama", num_layers=2, seed=0)
     return target, perturbed_copy(target, noise=0.1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=200, help="number of differential fuzz cases (tests/test_fuzz.py)")
+    parser.addoption("--fuzz-start", type=int, default=0, help="first fuzz case number")

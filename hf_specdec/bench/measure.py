@@ -11,6 +11,7 @@ import torch
 from typing_extensions import Self
 
 from .. import testing
+from ..compat import cache_argument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,13 +71,14 @@ def measure_step_costs(target, draft, num_verify_tokens: int, context_length: in
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
-        model(context.to(model.device), past_key_values=cache, use_cache=True)
+        cache_kwargs = {cache_argument(model): cache}
+        model(context.to(model.device), use_cache=True, **cache_kwargs)
         tokens = context[:, :width].to(model.device)
         timings = []
         for _ in range(steps + 2):  # the first two are warm-up
             synchronize(model.device)
             start = time.perf_counter()
-            model(tokens, past_key_values=cache, use_cache=True)
+            model(tokens, use_cache=True, **cache_kwargs)
             synchronize(model.device)
             timings.append(time.perf_counter() - start)
             cache.crop(-width)

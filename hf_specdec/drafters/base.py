@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..draft import Draft
+from ..processors import BatchText, TreePrefixes
 from ..stats import SpecStats
 
 
@@ -51,16 +52,14 @@ class DecodingState:
     logits_processor: list
     do_sample: bool
     vocab_size: int
-    row_ids: torch.Tensor | None = None  # index of each active row in the generate() call's batch
-    batch_size: int | None = None  # rows in the generate() call (after num_return_sequences expansion)
+    row_ids: torch.Tensor  # index of each active row in the generate() call's batch
+    batch: BatchText  # every row of the generate() call (after num_return_sequences expansion)
     target_config: object = None
     target_hidden: torch.Tensor | None = None  # [B, L, H] target states at `target_hidden_layers`, last accepted position
 
     def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
         """Per-position prefixes (committed text + `paths`) for applying the logits processors."""
-        from ..processors import TreePrefixes
-
-        return TreePrefixes(self.sequences, self.lengths, paths, depths, self.row_ids, self.batch_size)
+        return TreePrefixes(self.batch, self.row_ids, self.lengths, paths, depths)
 
 
 class Drafter(ABC):

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ..cache import SlotCache, right_aligned_order
+from ..compat import cache_argument
 from ..draft import Draft
 from .base import DecodingState, TreeConfig
 from .model import ModelDrafter
@@ -190,8 +191,8 @@ class SortedDrafter(ModelDrafter):
             hidden = self.parts.embed(inputs.to(self.device)) if start == 0 else inputs
             position_embeddings = self.parts.rotary(hidden, position_ids)
             for layer in layers:
-                output = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=cache, use_cache=True, position_embeddings=position_embeddings)
+                output = layer(hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                               position_embeddings=position_embeddings, **{cache_argument(layer): cache})
                 hidden = output[0] if isinstance(output, tuple) else output
             return hidden
 

@@ -28,6 +28,8 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..compat import activation_checkpointing, cache_argument
+
 GUIDE_METHODS = ("merged", "simple", "advanced")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -349,28 +351,29 @@ class GuidedDrafter(PreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         use_cache=None,
         guide_states: torch.Tensor | None = None,
         logits_to_keep=0,
         labels=None,
         guide_mask: torch.Tensor | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The drafter's forward, steered by `guide_states` (see the class docstring). `guide_mask` (`[B, S]`,
         optional) limits steering to some positions (training steers only positions whose prediction is trained,
-        as SD² does)."""
+        as SD² does). The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older)."""
         # Under gradient checkpointing the layers re-run in backward and must see the same guide, so the state is
         # then left in place until the next forward replaces it.
-        keep_for_recompute = self.is_activation_checkpointing and torch.is_grad_enabled() and self.training
+        keep_for_recompute = activation_checkpointing(self) and torch.is_grad_enabled() and self.training
         self._steering = None if guide_states is None else self._steering_for(guide_states, guide_mask)
         try:
             return self.drafter(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{cache_argument(self.drafter): cache if cache is not None else past_key_values},
                 logits_to_keep=logits_to_keep,
                 labels=labels,
                 **kwargs,
