@@ -56,6 +56,7 @@ class SlotCache:
         """Append tokens that are part of the text (prompt, pending accepted tokens). Causal among themselves;
         `valid=False` entries are holes (left padding) that nobody attends to."""
         assert self.slot_nodes.shape[1] == 0, "resolve the tentative region with keep() first"
+        valid = valid.to(self.device)
         offsets = valid.long().cumsum(-1) - 1
         positions = self.next_position[:, None] + offsets.clamp(min=0)
         query_count = input_ids.shape[1]
@@ -71,6 +72,7 @@ class SlotCache:
         """Append draft-tree nodes. `node_ids` [B, Q] name each query's node (-1 = hole), `depths` [B, Q] its
         distance from the next committed position (0 = the next token), `ancestors` [B, M, M] the round's
         ancestor-or-self relation over node ids."""
+        node_ids, depths, ancestors = node_ids.to(self.device), depths.to(self.device), ancestors.to(self.device)
         positions = self.next_position[:, None] + depths.clamp(min=0)
         old_visible = self.committed.clone()
         old_tentative = self.slot_nodes
@@ -161,6 +163,7 @@ class SlotCache:
     def keep(self, node_ids: torch.Tensor, counts: torch.Tensor):
         """Commit, per row, the first `counts[b]` nodes of `node_ids[b]` (an accepted root-to-leaf path, in order)
         and drop every other tentative slot of the round."""
+        node_ids, counts = node_ids.to(self.device), counts.to(self.device)
         start = self.tentative_start
         slot_nodes = self.slot_nodes
         keep_width = int(counts.max()) if counts.numel() else 0
@@ -192,6 +195,7 @@ class SlotCache:
 
     def select_rows(self, rows: torch.Tensor):
         """Keep only the given batch rows (finished rows stop costing anything)."""
+        rows = rows.to(self.device)
         for layer in self._owned_layers():
             layer.keys = layer.keys[rows]
             layer.values = layer.values[rows]

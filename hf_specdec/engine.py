@@ -126,7 +126,7 @@ class _Run:
                                                     logits_to_keep=1,
                                                     **(self._hidden_request() if end == self.prompt_length else {}))
         self.stats.target_forward_seconds += _clock(self.device) - tick
-        logits = outputs.logits[:, -1:].float()
+        logits = outputs.logits[:, -1:].float().to(self.device)
         self._keep_hidden(outputs, torch.full((len(rows),), end - start - 1, device=self.device))
         prefixes = self._state().prefixes(self.sequences[rows, None, :0],
                                           torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
@@ -152,7 +152,7 @@ class _Run:
         outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors,
                                                 **self._hidden_request())
         self.stats.target_forward_seconds += _clock(self.device) - forward_start
-        logits = outputs.logits.float()
+        logits = outputs.logits.float().to(self.device)
         processed = apply_processors(self.processors, logits, chunk.prefixes(state))
         verdict = verify(processed, draft, self.do_sample)
         self._keep_hidden(outputs, verdict.last_position)
@@ -193,6 +193,7 @@ class _Run:
                 f"{type(self.model).__name__} returned {0 if states is None else len(states)} of them; pick layers "
                 "the target has (hidden_states[i] is the input of decoder layer i)."
             )
+        positions = positions.to(states[self.hidden_layers[0]].device)
         rows = torch.arange(len(positions), device=positions.device)
         self.target_hidden = torch.stack([states[index][rows, positions] for index in self.hidden_layers], dim=1)
 
