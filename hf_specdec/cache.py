@@ -1,255 +1,310 @@
-"""The only module that edits KV tensors.
+"""The only module that edits KV tensors: static slots, written by index.
 
-A `SlotCache` wraps one model's `DynamicCache` and records, for every cache slot of every row, whether a real token
-lives there. Rows of a batch advance by different amounts each round, so instead of re-padding we leave holes:
-a slot that holds left padding, a rejected draft token, or the right end of a row that accepted fewer tokens than
-its neighbours is simply masked out. Every forward therefore gets an explicit additive 4D mask and explicit
-position ids (a row's logical position counts only its real tokens), which is exact for any attention layout.
+`SlotKVCache` is a `transformers.Cache` whose layers are preallocated `[B, H, capacity, D]` tensors. Before every
+forward the owner says, per query, which slot its key/value goes to (`write_slots`); the model's attention layers
+call `update()` as with any cache and get the whole buffer back (or a prefix `[:read_span]` of it, in eager mode).
+Shapes never change during a generate() call, so the forward can be captured (torch.compile / CUDA graphs), as in
+gpt-fast.
 
-Tokens come in two kinds:
-- committed: part of the row's text; visible to every later query.
-- tentative: draft-tree nodes of the current round, identified by a caller-chosen node id; a query sees a
-  tentative slot only if that slot's node is the query's own node or one of its ancestors. `keep()` then turns
-  the accepted path into committed slots (gathered to the front of the round's region) and drops the rest.
+`SlotCache` keeps one model's slots (or one segment of its layers: sorted drafters run several segments on one
+shared `SlotKVCache`) and the per-row bookkeeping:
 
-Holes cost memory, so `compact()` squeezes them out when they dominate; memory stays proportional to accepted
-tokens, not to rounds.
+- committed slots: row b's text (or what this model has seen of it) fills slots `[0, kv_length[b])` in order;
+  left padding stays there as masked slots. `committed_bias` `[B, capacity]` (0 = visible, dtype min = not) is
+  the persistent mask, updated in place as slots are committed.
+- tentative slots: the draft-tree nodes of the current round. A node with round id n is written to slot
+  `kv_length[b] + n`; a query sees it only if it is the query's own node or an ancestor. `keep()` moves the
+  accepted path to `kv_length[b] + 0, 1, ...` (for a chain whose ids are depths this is already the case) and
+  commits it; rejected slots are simply overwritten later, so nothing ever needs compacting.
+- holes (padding queries, rows without a node at that place) write to the last slot, which nobody reads.
+
+Prefill of a whole model runs the model's own causal path (no dense `[B, P, P]` mask) on a throw-away
+`DynamicCache` and copies the keys and values into slots `[0, P)`.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import cache_argument
 
+class SlotLayer(CacheLayerMixin):
+    """One layer's preallocated keys and values; `SlotKVCache.update` writes them by slot."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, batch_size: int, capacity: int):
+        super().__init__()
+        self.batch_size, self.capacity = batch_size, capacity
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        heads, head_dim, value_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+        self.keys = key_states.new_zeros(self.batch_size, heads, self.capacity, head_dim)
+        self.values = value_states.new_zeros(self.batch_size, heads, self.capacity, value_dim)
+        if not torch.compiler.is_compiling():  # fixed addresses: captured graphs mutate them in place
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("SlotLayer is written through SlotKVCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+class SlotKVCache(Cache):
+    """A transformers `Cache` of preallocated slots, written where `write_slots` says (one slot per query)."""
+
+    def __init__(self, batch_size: int, capacity: int):
+        super().__init__(layers=[])
+        self.rows, self.capacity = batch_size, capacity
+        self.write_slots: torch.Tensor | None = None  # [B, Q]
+        self.read_span = capacity
+
+    def layer(self, index: int) -> SlotLayer:
+        while len(self.layers) <= index:
+            self.layers.append(SlotLayer(self.rows, self.capacity))
+        return self.layers[index]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layer(layer_idx)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        index = self.write_slots[:, None, :, None]
+        layer.keys.scatter_(2, index.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
+        layer.values.scatter_(2, index.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states)
+        return layer.keys[:, :, : self.read_span], layer.values[:, :, : self.read_span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.read_span
+
+    def select_rows(self, rows: torch.Tensor, layers) -> None:
+        for index in layers:
+            layer = self.layers[index] if index < len(self.layers) else None
+            if layer is not None and layer.is_initialized:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+                layer.batch_size = len(rows)
+        self.rows = len(rows)
+
 
 class SlotCache:
-    """Slot bookkeeping for one model's KV cache, or for one segment of its layers.
+    """Slot bookkeeping for one model (or one segment of its layers) during one generate() call.
 
-    By default the whole `model` runs on token ids. For a model evaluated segment by segment (sorted drafters:
-    several exits, deeper layers filled later), pass `run(inputs, attention_mask, position_ids, cache)` running
-    that segment, `layers` (the indices of the cache layers the segment owns) and a `cache` shared between the
-    segments; each segment then has its own slots, since its layers may hold fewer tokens than the first ones.
+    `run(inputs, attention_mask, position_ids, cache, **kwargs)` runs the model (default: the HF model on token ids,
+    compiled when `compiled_call` is given); `layers` are the cache layers it owns; `cache` a `SlotKVCache` shared
+    between segments. `capacity` must cover the longest text plus the most tentative nodes of a round plus one.
     """
 
-    def __init__(self, model, batch_size: int, device: torch.device, run=None, layers=None, cache=None):
-        self.model = model
+    def __init__(self, model, batch_size: int, capacity: int, device: torch.device, run=None, layers=None,
+                 cache: SlotKVCache | None = None, compiled_call=None, max_round_nodes: int = 0):
+        self.model, self.device, self.capacity = model, device, capacity
+        self.compiled = compiled_call is not None
+        self.call = compiled_call or model.__call__
         self.run = run if run is not None else self._run_model
-        self.layers = None if layers is None else list(layers)
-        self.cache = cache if cache is not None else DynamicCache()
-        self.device = device
+        self.cache = cache if cache is not None else SlotKVCache(batch_size, capacity)
+        self.layers = list(layers) if layers is not None else None
         self.dtype = model.dtype
         self.sliding_window = _sliding_window(model.config)
-        self.committed = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # [B, S]
-        self.slot_positions = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, S]
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
-        self.tentative_start = 0  # first slot of the current round's tentative region
-        self.slot_nodes = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # [B, S - tentative_start]
+        self.scratch = capacity - 1  # holes write here; never visible
+        masked = torch.finfo(self.dtype).min
+        self.masked = masked
+        self.committed_bias = torch.full((batch_size, capacity), masked, dtype=self.dtype, device=device)
+        self.slot_positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.kv_length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_round_nodes = max_round_nodes
+        # which round ids were fed this round; the last column takes the holes' writes
+        self.written = torch.zeros(batch_size, max_round_nodes + 1, dtype=torch.bool, device=device)
+        self.host_length = 0  # an upper bound of kv_length.max(), known without reading the device
 
     @property
-    def length(self) -> int:
-        return self.committed.shape[1]
+    def batch_size(self) -> int:
+        return self.kv_length.shape[0]
 
     # ------------------------------------------------------------------ forwards
-    def forward_committed(self, input_ids: torch.Tensor, valid: torch.Tensor, **model_kwargs):
-        """Append tokens that are part of the text (prompt, pending accepted tokens). Causal among themselves;
-        `valid=False` entries are holes (left padding) that nobody attends to."""
-        assert self.slot_nodes.shape[1] == 0, "resolve the tentative region with keep() first"
+    def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int | None = None, **model_kwargs):
+        """The prompt (left-padded, `valid` marks real tokens), in chunks of `chunk_size` if given. A whole model
+        runs its own causal path, as plain generate() does; a segment of layers (a custom `run`) takes the
+        committed path."""
+        if self.run != self._run_model:
+            return self.forward_committed(input_ids, valid, **model_kwargs)
+        input_ids, valid = input_ids.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        mask = None if bool(valid.all()) else valid.long()  # no padding: the kernels' own causal path
+        scratch = DynamicCache()
+        width = input_ids.shape[1]
+        chunk = chunk_size or width
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            outputs = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                                 attention_mask=None if mask is None else mask[:, :end], use_cache=True,
+                                 **{cache_argument(self.model): scratch}, **model_kwargs)
+        for index, layer in enumerate(scratch.layers):
+            slots = self.cache.layer(index)
+            if not slots.is_initialized:
+                slots.lazy_initialization(layer.keys, layer.values)
+            slots.keys[:, :, :width] = layer.keys
+            slots.values[:, :, :width] = layer.values
+        self.committed_bias[:, :width] = torch.where(valid, 0.0, self.masked).to(self.dtype)
+        self.slot_positions[:, :width] = positions
+        self.kv_length.fill_(width)
+        self.next_position = valid.long().sum(-1)
+        self.host_length = width
+        return outputs
+
+    def forward_committed(self, inputs: torch.Tensor, valid: torch.Tensor, **model_kwargs):
+        """Append text (prompt or pending accepted tokens), causal among itself; `valid=False` entries are holes.
+        Valid entries take the next slots in order."""
         valid = valid.to(self.device)
-        offsets = valid.long().cumsum(-1) - 1
-        positions = self.next_position[:, None] + offsets.clamp(min=0)
-        query_count = input_ids.shape[1]
-        causal = torch.ones(query_count, query_count, dtype=torch.bool, device=self.device).tril()
-        new_visible = causal[None] & valid[:, None, :]
-        outputs = self._forward(input_ids, positions, self.committed, new_visible, **model_kwargs)
-        self._append(valid, positions)
-        self.next_position = self.next_position + valid.sum(-1)
-        self.tentative_start = self.length
+        rank = valid.long().cumsum(-1) - 1
+        slots = torch.where(valid, self.kv_length[:, None] + rank, self.scratch)
+        positions = self.next_position[:, None] + rank.clamp(min=0)
+        count = valid.sum(-1)
+        self._commit_slots(slots, valid, positions)
+        span = self._span(inputs.shape[1])
+        columns = torch.arange(span, device=self.device)
+        causal = columns[None, None, :] <= slots[:, :, None]  # earlier committed slots and the query's own
+        mask = torch.where(causal, self.committed_bias[:, None, :span], self.masked)
+        outputs = self._forward(inputs, slots, positions, mask, span, valid, **model_kwargs)
+        self.kv_length = self.kv_length + count
+        self.next_position = self.next_position + count
+        self.host_length += inputs.shape[1]
         return outputs
 
-    def forward_tentative(self, input_ids, node_ids, depths, ancestors, **model_kwargs):
-        """Append draft-tree nodes. `node_ids` [B, Q] name each query's node (-1 = hole), `depths` [B, Q] its
-        distance from the next committed position (0 = the next token), `ancestors` [B, M, M] the round's
-        ancestor-or-self relation over node ids."""
+    def forward_tentative(self, inputs, node_ids, depths, ancestors, **model_kwargs):
+        """Feed draft-tree nodes of this round. `node_ids` [B, Q]: each query's round id (its slot offset; -1 =
+        hole), `depths` [B, Q] its distance from the next committed position (0 = the next token), `ancestors`
+        [B, M, M] the round's ancestor-or-self relation over node ids."""
         node_ids, depths, ancestors = node_ids.to(self.device), depths.to(self.device), ancestors.to(self.device)
-        positions = self.next_position[:, None] + depths.clamp(min=0)
-        old_visible = self.committed.clone()
-        old_tentative = self.slot_nodes
+        valid = node_ids >= 0
         query_nodes = node_ids.clamp(min=0)
-        if old_tentative.shape[1]:
-            seen = _lookup(ancestors, query_nodes, old_tentative.clamp(min=0)) & (old_tentative >= 0)[:, None, :]
-            prefix_visible = torch.cat([old_visible[:, None, : self.tentative_start].expand(-1, len(seen[0]), -1),
-                                        seen], dim=-1)
-        else:
-            prefix_visible = old_visible[:, None, :].expand(-1, input_ids.shape[1], -1)
-        new_visible = _lookup(ancestors, query_nodes, query_nodes) & (node_ids >= 0)[:, None, :]
-        outputs = self._forward(input_ids, positions, prefix_visible, new_visible, **model_kwargs)
-        self._append(torch.zeros_like(node_ids, dtype=torch.bool), positions)
-        self.slot_nodes = torch.cat([self.slot_nodes, node_ids], dim=1)
-        return outputs
+        slots = torch.where(valid, self.kv_length[:, None] + query_nodes, self.scratch)
+        positions = self.next_position[:, None] + depths.clamp(min=0)
+        nodes = self.max_round_nodes
+        self.written.scatter_(1, torch.where(valid, query_nodes, nodes), True)
+        self.slot_positions.scatter_(1, slots, positions)
+        span = self._span(nodes)
+        # tentative columns: slot kv_length + n holds node n; visible to a query if written and an ancestor-or-self
+        sees = ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, ancestors.shape[2]))
+        sees = sees[:, :, :nodes] & self.written[:, None, : min(nodes, sees.shape[2])]
+        mask = self.committed_bias[:, None, :span].expand(-1, inputs.shape[1], -1).clone()
+        columns = self.kv_length[:, None] + torch.arange(sees.shape[2], device=self.device)
+        bias = torch.where(sees, 0.0, self.masked).to(self.dtype)
+        mask.scatter_(2, columns[:, None, :].expand(-1, inputs.shape[1], -1), bias)
+        return self._forward(inputs, slots, positions, mask, span, valid, **model_kwargs)
 
-    def forward_tentative_rows(self, rows, input_ids, node_ids, depths, ancestors, **model_kwargs):
-        """`forward_tentative` computed for `rows` only; every other row gets hole slots and zero outputs.
-
-        For segments of a sorted drafter, where often only a few rows need the deeper layers: the model runs on a
-        cache view holding just those rows, and the new key/value slots are written back into the full cache.
-        """
-        if len(rows) == len(self.next_position):
-            return self.forward_tentative(input_ids, node_ids, depths, ancestors, **model_kwargs)
-        start = self.length
+    def forward_tentative_rows(self, rows, inputs, node_ids, depths, ancestors, **model_kwargs):
+        """`forward_tentative` computed for `rows` only; every other row gets holes and zero outputs (for segments
+        of a sorted drafter, where often only a few rows need the deeper layers)."""
+        if len(rows) == self.batch_size:
+            return self.forward_tentative(inputs, node_ids, depths, ancestors, **model_kwargs)
         view = self._row_view(rows)
-        output = view.forward_tentative(input_ids[rows], node_ids[rows], depths[rows], ancestors[rows],
-                                        **model_kwargs)
-        owned = self.layers if self.layers is not None else range(len(self.cache.layers))
-        for index in owned:
+        output = view.forward_tentative(inputs[rows], node_ids[rows], depths[rows], ancestors[rows], **model_kwargs)
+        for index in self._owned():
             full, part = self.cache.layers[index], view.cache.layers[index]
-            for name in ("keys", "values"):
-                old, new = getattr(full, name), getattr(part, name)[:, :, start:]
-                grown = torch.cat([old, old.new_zeros(old.shape[0], old.shape[1], new.shape[2], old.shape[3])], 2)
-                grown[rows, :, start:] = new
-                setattr(full, name, grown)
-        holes = torch.full_like(node_ids, -1)
-        holes[rows] = node_ids[rows]
-        positions = torch.zeros_like(node_ids)
-        positions[rows] = view.slot_positions[:, start:]
-        self._append(torch.zeros_like(node_ids, dtype=torch.bool), positions)
-        self.slot_nodes = torch.cat([self.slot_nodes, holes], dim=1)
-        result = output.new_zeros(len(node_ids), *output.shape[1:])
+            full.keys[rows], full.values[rows] = part.keys, part.values
+        self.written[rows], self.slot_positions[rows] = view.written, view.slot_positions
+        result = output.new_zeros(self.batch_size, *output.shape[1:])
         result[rows] = output
         return result
 
     def _row_view(self, rows) -> SlotCache:
-        """A SlotCache over the given rows only (copies of their KV), for a forward that skips the other rows."""
-        owned = set(self.layers if self.layers is not None else range(len(self.cache.layers)))
-        data = [(layer.keys[rows], layer.values[rows]) if index in owned and layer.is_initialized else (None, None)
-                for index, layer in enumerate(self.cache.layers)]
-        view = SlotCache(self.model, len(rows), self.device, run=self.run, layers=self.layers,
-                         cache=DynamicCache(ddp_cache_data=data))
-        view.committed, view.slot_positions = self.committed[rows], self.slot_positions[rows]
-        view.next_position, view.slot_nodes = self.next_position[rows], self.slot_nodes[rows]
-        view.tentative_start = self.tentative_start
+        """A SlotCache over the given rows only (copies of their slots)."""
+        view = SlotCache(self.model, len(rows), self.capacity, self.device, run=self.run, layers=self.layers,
+                         cache=SlotKVCache(len(rows), self.capacity), max_round_nodes=self.max_round_nodes)
+        for index in self._owned():
+            layer, part = self.cache.layers[index], view.cache.layer(index)
+            part.keys, part.values, part.is_initialized = layer.keys[rows], layer.values[rows], True
+        for name in ("committed_bias", "slot_positions", "kv_length", "next_position", "written"):
+            setattr(view, name, getattr(self, name)[rows])
+        view.host_length = self.host_length
         return view
 
-    def _forward(self, input_ids, positions, prefix_visible, new_visible, **model_kwargs):
-        query_count = input_ids.shape[1]
-        if prefix_visible.dim() == 2:
-            prefix_visible = prefix_visible[:, None, :].expand(-1, query_count, -1)
-        # A hole query must still see something, or softmax over an all-masked row gives NaN.
-        eye = torch.eye(query_count, dtype=torch.bool, device=self.device)
-        visible = torch.cat([prefix_visible, new_visible | eye], dim=-1)
+    def _forward(self, inputs, slots, positions, mask, span, valid, **model_kwargs):
         if self.sliding_window is not None:
-            key_positions = torch.cat([self.slot_positions, positions], dim=1)
-            visible &= (positions[:, :, None] - key_positions[:, None, :]) < self.sliding_window
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return self.run(input_ids, mask[:, None], positions, self.cache, **model_kwargs)
+            key_positions = self.slot_positions[:, None, :span]
+            mask = mask.masked_fill(positions[:, :, None] - key_positions >= self.sliding_window, self.masked)
+        # a hole query must still see some key, or softmax over an all-masked row gives NaN: let it see slot 0
+        mask[:, :, 0] = mask[:, :, 0].masked_fill(~valid, 0.0)
+        self.cache.write_slots, self.cache.read_span = slots, span
+        return self.run(inputs, mask[:, None], positions, self.cache, **model_kwargs)
 
     def _run_model(self, input_ids, attention_mask, position_ids, cache, **model_kwargs):
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=True, **{cache_argument(self.model): cache},
-                          **model_kwargs)
+        return self.call(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, **{cache_argument(self.model): cache},
+                         **model_kwargs)
 
-    def _owned_layers(self):
-        layers = self.cache.layers
-        chosen = layers if self.layers is None else [layers[i] for i in self.layers if i < len(layers)]
-        return [layer for layer in chosen if layer.is_initialized]
+    def _span(self, new_slots: int) -> int:
+        """How many slots this forward reads: all of them when compiled (fixed shapes), else the used prefix."""
+        if self.compiled:
+            return self.capacity
+        return min(self.capacity, self.host_length + new_slots)
 
-    def _append(self, committed: torch.Tensor, positions: torch.Tensor):
-        self.committed = torch.cat([self.committed, committed], dim=1)
-        self.slot_positions = torch.cat([self.slot_positions, positions], dim=1)
+    def _commit_slots(self, slots, valid, positions):
+        self.committed_bias.scatter_(1, slots, torch.where(valid, 0.0, self.masked).to(self.dtype))
+        self.slot_positions.scatter_(1, slots, positions)
+
+    def _owned(self):
+        return self.layers if self.layers is not None else range(len(self.cache.layers))
 
     # ------------------------------------------------------------------ round resolution
-    def keep(self, node_ids: torch.Tensor, counts: torch.Tensor):
+    def keep(self, node_ids: torch.Tensor, counts: torch.Tensor, in_place: bool = False):
         """Commit, per row, the first `counts[b]` nodes of `node_ids[b]` (an accepted root-to-leaf path, in order)
-        and drop every other tentative slot of the round."""
+        to the next committed slots and drop the rest of the round. `in_place`: node i already sits at offset i
+        (a chain whose round ids are depths), so no keys or values move."""
         node_ids, counts = node_ids.to(self.device), counts.to(self.device)
-        start = self.tentative_start
-        slot_nodes = self.slot_nodes
-        keep_width = int(counts.max()) if counts.numel() else 0
-        if keep_width:
-            wanted = node_ids[:, :keep_width]
-            matches = slot_nodes[:, None, :] == wanted[:, :, None]  # [B, K, T]
-            source = start + matches.float().argmax(-1)  # slot holding each wanted node
-            self._gather_into(start, source)
-        kept = torch.arange(keep_width, device=self.device) < counts[:, None]
-        self.committed = torch.cat([self.committed[:, :start], kept], dim=1)
-        positions = self.next_position[:, None] + torch.arange(keep_width, device=self.device)
-        self.slot_positions = torch.cat([self.slot_positions[:, :start], positions], dim=1)
-        self._crop(start + keep_width)
+        width = node_ids.shape[1]
+        kept = torch.arange(width, device=self.device) < counts[:, None]
+        destination = torch.where(kept, self.kv_length[:, None] + torch.arange(width, device=self.device),
+                                  self.scratch)
+        if not in_place and width:
+            source = self.kv_length[:, None] + node_ids.clamp(min=0)
+            for index in self._owned():
+                layer = self.cache.layers[index] if index < len(self.cache.layers) else None
+                if layer is None or not layer.is_initialized:
+                    continue
+                for tensor in (layer.keys, layer.values):
+                    gather = source[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+                    moved = tensor.gather(2, gather)
+                    tensor.scatter_(2, destination[:, None, :, None].expand_as(gather), moved)
+        positions = self.next_position[:, None] + torch.arange(width, device=self.device)
+        self._commit_slots(destination, kept, positions)
+        self.kv_length = self.kv_length + counts
         self.next_position = self.next_position + counts
-        self.slot_nodes = slot_nodes[:, :0]
-        self.tentative_start = self.length
+        self.host_length += width
+        self.written.zero_()
 
-    def keep_path(self, path_nodes: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+    def keep_path(self, path_nodes: torch.Tensor, num_accepted: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """Commit the leading accepted path nodes this cache holds (a node is only fed after its parent, so they
         form a prefix of the path) and drop the rest of the round. Returns how many were kept per row."""
+        path_nodes, num_accepted = path_nodes.to(self.device), num_accepted.to(self.device)
         in_path = torch.arange(path_nodes.shape[1], device=self.device) < num_accepted[:, None]
-        if self.slot_nodes.shape[1]:
-            held = (path_nodes[:, :, None] == self.slot_nodes[:, None, :]).any(-1)
-        else:
-            held = torch.zeros_like(in_path)
+        held = self.written.gather(1, path_nodes.clamp(min=0, max=self.max_round_nodes)) & (path_nodes >= 0)
         counts = (held & in_path).long().cumprod(-1).sum(-1)
-        self.keep(path_nodes, counts)
+        self.keep(path_nodes, counts, in_place=in_place)
         return counts
 
     def select_rows(self, rows: torch.Tensor):
         """Keep only the given batch rows (finished rows stop costing anything)."""
         rows = rows.to(self.device)
-        for layer in self._owned_layers():
-            layer.keys = layer.keys[rows]
-            layer.values = layer.values[rows]
-        self.committed = self.committed[rows]
-        self.slot_positions = self.slot_positions[rows]
-        self.next_position = self.next_position[rows]
-        self.slot_nodes = self.slot_nodes[rows]
-
-    def compact(self, min_length: int = 64, max_hole_fraction: float = 0.5):
-        """Squeeze out holes once they make up more than `max_hole_fraction` of the cache."""
-        assert self.slot_nodes.shape[1] == 0, "compact between rounds only"
-        length = self.length
-        if length < min_length:
-            return
-        real = self.committed.sum(-1)
-        width = int(real.max())
-        if 1 - width / length <= max_hole_fraction:
-            return
-        # Right-align each row's real slots (stable order); the left remainder becomes padding holes.
-        order = right_aligned_order(self.committed)[:, length - width:]
-        self._gather_into(0, order, total_width=width)
-        self.committed = self.committed.gather(1, order)
-        self.slot_positions = self.slot_positions.gather(1, order)
-        self.tentative_start = self.length
-
-    # ------------------------------------------------------------------ KV tensor edits
-    def _gather_into(self, start: int, source: torch.Tensor, total_width: int | None = None):
-        """Write slots `source[b, k]` to slot `start + k` of every layer (in place when possible)."""
-        width = source.shape[1]
-        for layer in self._owned_layers():
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                index = source[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
-                gathered = tensor.gather(2, index)
-                if total_width is None:
-                    tensor[:, :, start:start + width] = gathered
-                else:
-                    setattr(layer, name, gathered)
-
-    def _crop(self, length: int):
-        for layer in self._owned_layers():
-            layer.keys = layer.keys[:, :, :length]
-            layer.values = layer.values[:, :, :length]
+        self.cache.select_rows(rows, self._owned())
+        for name in ("committed_bias", "slot_positions", "kv_length", "next_position", "written"):
+            setattr(self, name, getattr(self, name)[rows])
 
 
 def right_aligned_order(mask: torch.Tensor) -> torch.Tensor:
     """Per row, the column order that moves the True entries to the right end, each side keeping its order."""
     return torch.argsort(mask.int(), dim=1, stable=True)
-
-
-def _lookup(ancestors: torch.Tensor, query_nodes: torch.Tensor, key_nodes: torch.Tensor) -> torch.Tensor:
-    """ancestors[b, query_nodes[b, q], key_nodes[b, k]] as a [B, Q, K] bool tensor."""
-    rows = ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, ancestors.shape[2]))
-    return rows.gather(2, key_nodes[:, None, :].expand(-1, query_nodes.shape[1], -1))
 
 
 def _sliding_window(config) -> int | None:

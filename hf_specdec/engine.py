@@ -3,6 +3,11 @@
 `speculative_generate` is a transformers `custom_generate` callable: `generate()` has already merged the
 generation config, prepared special tokens, the attention mask, logits processors (warpers included) and stopping
 criteria, and expanded the batch for `num_return_sequences`. We own everything after that.
+
+A steady-state round reads one number back from the device: how many rows are still running. Everything else —
+acceptance, EOS and length cuts, statistics — stays on the device with fixed shapes. Finished rows are masked in
+place and leave the caches in batches (when half of them are done). Streamers, user stopping criteria and
+input-reading logits processors need the host and add their own reads, only when they are used.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
 from .options import check_generate_options
 from .processors import BatchText, TreePrefixes, apply_processors
-from .stats import SpecStats
+from .stats import PHASES, PhaseClock, SpecStats, profiled_phases  # noqa: F401  (PHASES, profiled_phases: re-exported)
 from .verify import verify
 
 UNSUPPORTED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
@@ -42,23 +47,28 @@ def speculative_generate(
     drafter: Drafter | None = None,
     num_draft_tokens: int | None = None,
     stream_to=None,
+    time_phases: bool = False,
     **model_kwargs,
 ):
     """Speculative decoding with an hf_specdec drafter, as a `custom_generate` callable.
 
     Use it as `model.generate(**inputs, assistant_model=drafter)` (after `import hf_specdec`) or as
     `model.generate(**inputs, custom_generate=hf_specdec.speculative_generate, drafter=drafter)`.
+    `time_phases=True` measures every phase (device synchronised around each; `out.spec_stats` gets the times).
+    A `compile_config` in the generation config captures the fixed-shape forwards with `torch.compile`.
     """
     _validate(model, input_ids, generation_config, drafter, model_kwargs, logits_processor or [])
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, stream_to,
-               model_kwargs.get("attention_mask"))
+               model_kwargs.get("attention_mask"), time_phases)
     return run.generate(num_draft_tokens)
 
 
 class _Run:
-    """State of one generate() call. Rows are indexed in the original batch; `active` lists the unfinished ones."""
+    """State of one generate() call. Rows are indexed in the original batch; `active` lists the rows the caches
+    still hold (some of them may be finished: `finished` masks them until the next compaction)."""
 
-    def __init__(self, model, input_ids, logits_processor, stopping_criteria, config, drafter, streamer, mask):
+    def __init__(self, model, input_ids, logits_processor, stopping_criteria, config, drafter, streamer, mask,
+                 time_phases):
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("Streaming speculative decoding supports batch size 1 (rows advance by different "
                              "numbers of tokens each round); drop the streamer or generate one prompt at a time.")
@@ -66,28 +76,34 @@ class _Run:
         self.processors = list(logits_processor or [])
         self.extra_criteria = [c for c in (stopping_criteria or [])
                                if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-        self.device = input_ids.device
-        batch_size, prompt_length = input_ids.shape
-        self.prompt_length = prompt_length
+        self.device = input_ids.device  # bookkeeping and processors run where the inputs are, as in plain generate
+        batch_size, self.prompt_length = input_ids.shape
         self.max_length = config.max_length
-        width = max(self.max_length, prompt_length + 1)
+        self.width = max(self.max_length, self.prompt_length + 1)
         self.pad_token = _first_token(config._pad_token_tensor, default=0)
-        self.eos_tokens = config._eos_token_tensor.reshape(-1).to(self.device) if config._eos_token_tensor is not None else None
-        self.sequences = torch.full((batch_size, width), self.pad_token, dtype=torch.long, device=self.device)
-        self.sequences[:, :prompt_length] = input_ids
-        self.token_mask = torch.ones(batch_size, width, dtype=torch.bool, device=self.device)
+        eos = config._eos_token_tensor
+        self.eos_tokens = eos.reshape(-1).to(self.device) if eos is not None else None
+        # one extra column: tokens that are not appended are written there, so every write has a fixed shape
+        self.buffer = torch.full((batch_size, self.width + 1), self.pad_token, dtype=torch.long, device=self.device)
+        self.buffer[:, : self.prompt_length] = input_ids
+        self.sequences = self.buffer[:, : self.width]
+        self.token_mask = torch.ones(batch_size, self.width, dtype=torch.bool, device=self.device)
         if mask is not None:
-            self.token_mask[:, :prompt_length] = mask.bool()
-        self.lengths = torch.full((batch_size,), prompt_length, dtype=torch.long, device=self.device)
+            self.token_mask[:, : self.prompt_length] = mask.bool()
+        self.lengths = torch.full((batch_size,), self.prompt_length, dtype=torch.long, device=self.device)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
         self.batch_text = BatchText(self.sequences, self.lengths, self.pad_token)
         self.active = torch.arange(batch_size, device=self.device)
         self.do_sample = bool(config.do_sample)
         self.vocab_size = model.config.get_text_config().vocab_size
-        self.stats = SpecStats.empty(batch_size)
-        self.want_scores = bool(config.return_dict_in_generate and config.output_scores)
-        self.want_logits = bool(config.return_dict_in_generate and config.output_logits)
-        self.scores: list[torch.Tensor] = []
-        self.raw_logits: list[torch.Tensor] = []
+        self.clock = PhaseClock(model.device, timing=time_phases)
+        self.compile_config = None if config.disable_compile else config.compile_config
+        self.stats = SpecStats.empty(batch_size, self.device)
+        self.target_forwards = 0
+        max_new = self.width - self.prompt_length
+        self.score_stores = {name: torch.zeros(batch_size, max_new + 1, self.vocab_size, device=self.device)
+                             for name, wanted in (("scores", config.output_scores), ("logits", config.output_logits))
+                             if wanted and config.return_dict_in_generate}
         # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
         self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
         self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
@@ -97,86 +113,90 @@ class _Run:
         start = time.perf_counter()
         if self.streamer is not None:
             self.streamer.put(self.sequences[:, : self.prompt_length].cpu())
-        self.target = SlotCache(self.model, len(self.active), self.model.device)
-        ended = self._prefill()
+        self.round_nodes = self.drafter.max_round_nodes(num_draft_tokens)
+        self.histogram = torch.zeros(self.round_nodes + 2, dtype=torch.long, device=self.device)
+        compiled = None if self.compile_config is None else self.model.get_compiled_call(self.compile_config)
+        self.target = SlotCache(self.model, len(self.active), self.width + self.round_nodes + 2, self.model.device,
+                                compiled_call=compiled, max_round_nodes=self.round_nodes + 1)
+        self._prefill()
         self.drafter.start(self.model, self._state(), num_draft_tokens=num_draft_tokens)
         try:
-            self._retire_finished(ended)
-            while len(self.active):
+            while self._running():
                 self._round()
         finally:
-            self.stats.draft_forwards = getattr(self.drafter, "forward_count", 0)
-            self.stats.draft_forward_seconds = getattr(self.drafter, "forward_seconds", 0.0)
-            self.stats.exit_counts = dict(getattr(self.drafter, "exit_counts", {}))
             self.drafter.finish()
+        self.clock.synchronize()
         self.stats.wall_seconds = time.perf_counter() - start
-        self.stats.new_tokens = (self.lengths - self.prompt_length).cpu()
-        self.drafter.last_stats = self.stats
+        self._finish_stats()
         if self.streamer is not None:
             self.streamer.end()
         return self._output()
 
     def _prefill(self):
         rows = self.active
-        tick = _clock(self.device)
-        chunk = self.config.prefill_chunk_size or self.prompt_length  # generate(prefill_chunk_size=...) bounds memory
-        for start in range(0, self.prompt_length, chunk):
-            end = min(start + chunk, self.prompt_length)
-            outputs = self.target.forward_committed(self.sequences[rows, start:end], self.token_mask[rows, start:end],
-                                                    logits_to_keep=1,
-                                                    **(self._hidden_request() if end == self.prompt_length else {}))
-        self.stats.target_forward_seconds += _clock(self.device) - tick
-        logits = outputs.logits[:, -1:].float().to(self.device)
-        self._keep_hidden(outputs, torch.full((len(rows),), end - start - 1, device=self.device))
-        prefixes = self._state().prefixes(self.sequences[rows, None, :0],
-                                          torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
-        processed = apply_processors(self.processors, logits, prefixes)
-        if self.do_sample:
-            token = torch.multinomial(processed[:, 0].softmax(-1), 1)
-        else:
-            token = processed[:, 0].argmax(-1, keepdim=True)
-        self.stats.prefill_seconds = _clock(self.device) - tick
-        self.stats.target_forwards += 1
-        sources = (processed, logits, torch.zeros(len(rows), 1, dtype=torch.long, device=self.device))
-        return self._append(token, torch.ones(len(rows), dtype=torch.long, device=self.device), sources)
+        with self.clock("prefill"):
+            outputs = self.target.prefill(self.sequences[rows, : self.prompt_length],
+                                          self.token_mask[rows, : self.prompt_length], logits_to_keep=1,
+                                          chunk_size=self.config.prefill_chunk_size, **self._hidden_request())
+            logits = outputs.logits[:, -1:].float().to(self.device)
+            self._keep_hidden(outputs, torch.full((len(rows),), -1, device=self.device))
+            processed = apply_processors(self.processors, logits, self._state().root_prefixes())
+            if self.do_sample:
+                token = torch.multinomial(processed[:, 0].softmax(-1), 1)
+            else:
+                token = processed[:, 0].argmax(-1, keepdim=True)
+            self.target_forwards += 1
+            root = torch.zeros(len(rows), 1, dtype=torch.long, device=self.device)
+            self._append(token, torch.ones(len(rows), dtype=torch.long, device=self.device), (processed, logits, root))
 
     def _round(self):
         state = self._state()
-        tick = _clock(self.device)
-        draft = self.drafter.propose(state).truncate_depth(state.budget)
-        tock = _clock(self.device)
-        self.stats.draft_seconds += tock - tick
+        with self.clock("draft"):
+            draft = self.drafter.propose(state).truncate_depth(state.budget)
+            if self.compile_config is not None:  # captured forwards need one shape every round
+                draft = draft.padded(self.round_nodes)
+        with self.clock("verify_forward"):
+            chunk = _VerifyChunk(state, draft)
+            outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors,
+                                                    **self._hidden_request())
+            logits = outputs.logits.float().to(self.device)
+        with self.clock("processors"):
+            processed = apply_processors(self.processors, logits, chunk.prefixes()) if self.processors else logits
+        with self.clock("acceptance"):
+            verdict = verify(processed, draft, self.do_sample)
+        with self.clock("cache"):
+            self._keep_hidden(outputs, verdict.last_position)
+            alive = ~self.finished[self.active]
+            # chunk indices of what the target keeps: the root, then the accepted path
+            root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
+            kept = torch.cat([root, verdict.path + 1], dim=1)
+            self.target.keep(kept, (verdict.num_accepted + 1) * alive, in_place=draft.is_chain)
+            self.drafter.accept(state, draft, verdict.path, verdict.num_accepted)
+        with self.clock("bookkeeping"):
+            self.target_forwards += 1
+            drafted = draft.valid.sum(-1)
+            self.stats.record_round(self.active, alive, drafted, verdict.num_accepted, verdict.rejected,
+                                    self.histogram)
+            path_tokens_ = draft.tokens.gather(1, verdict.path.clamp(min=0))
+            new_tokens = torch.cat([path_tokens_, verdict.next_token[:, None]], 1)
+            new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
+            # the distribution behind each emitted token sits at its parent's chunk position
+            sources = (processed, logits, kept[:, : new_tokens.shape[1]])
+            self._append(new_tokens, verdict.num_accepted + 1, sources, (verdict.num_accepted, drafted))
 
-        chunk = _verify_chunk(state, draft)
-        forward_start = _clock(self.device)
-        outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors,
-                                                **self._hidden_request())
-        self.stats.target_forward_seconds += _clock(self.device) - forward_start
-        logits = outputs.logits.float().to(self.device)
-        processed = apply_processors(self.processors, logits, chunk.prefixes(state))
-        verdict = verify(processed, draft, self.do_sample)
-        self._keep_hidden(outputs, verdict.last_position)
-        root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
-        accepted_chunk = torch.cat([root, verdict.path + 1], dim=1)  # root, then the accepted path (chunk indices)
-        self.target.keep(accepted_chunk, verdict.num_accepted + 1)
-        self.drafter.accept(state, draft, verdict.path, verdict.num_accepted)
-        self.stats.verify_seconds += _clock(self.device) - tock
-        self.stats.target_forwards += 1
-
-        rows = self.active.cpu()
-        drafted, accepted = draft.valid.sum(-1).cpu(), verdict.num_accepted.cpu()
-        self.stats.drafted[rows] += drafted
-        self.stats.accepted[rows] += accepted
-        self.stats.rejected[rows] += verdict.rejected.long().cpu()
-        self.stats.rounds[rows] += 1
-        self.stats.record_accepted_lengths(accepted)
-
-        new_tokens = torch.cat([draft.tokens.gather(1, verdict.path.clamp(min=0)), verdict.next_token[:, None]], 1)
-        new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
-        # the distribution behind each emitted token sits at its parent's chunk position
-        sources = (processed, logits, accepted_chunk[:, : new_tokens.shape[1]])
-        self._retire_finished(self._append(new_tokens, verdict.num_accepted + 1, sources, (accepted, drafted)))
-        self.target.compact()
+    def _running(self) -> bool:
+        """The round's one read from the device: how many rows still run. Rows that finished leave the caches
+        once half of the held rows are done (each removal copies every cache, so it is batched)."""
+        running = ~self.finished[self.active]
+        remaining = int(running.sum())
+        if remaining and remaining <= len(self.active) // 2:
+            keep = running.nonzero()[:, 0]
+            self.active = self.active[keep]
+            if self.target_hidden is not None:
+                self.target_hidden = self.target_hidden[keep.to(self.target_hidden.device)]
+            self.target.select_rows(keep)
+            self.drafter.select_rows(keep)
+        return remaining > 0
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
     def _hidden_request(self) -> dict:
@@ -193,7 +213,8 @@ class _Run:
                 f"{type(self.model).__name__} returned {0 if states is None else len(states)} of them; pick layers "
                 "the target has (hidden_states[i] is the input of decoder layer i)."
             )
-        positions = positions.to(states[self.hidden_layers[0]].device)
+        first = states[self.hidden_layers[0]]
+        positions = positions.to(first.device) % first.shape[1]
         rows = torch.arange(len(positions), device=positions.device)
         self.target_hidden = torch.stack([states[index][rows, positions] for index in self.hidden_layers], dim=1)
 
@@ -201,11 +222,13 @@ class _Run:
     def _state(self) -> DecodingState:
         rows = self.active
         lengths = self.lengths[rows]
+        all_rows = len(rows) == len(self.lengths)
         return DecodingState(
-            sequences=self.sequences[rows],
-            token_mask=self.token_mask[rows],
+            sequences=self.sequences if all_rows else self.sequences[rows],
+            token_mask=self.token_mask if all_rows else self.token_mask[rows],
             lengths=lengths,
-            budget=(self.max_length - lengths - 1).clamp(min=0),
+            # finished rows (masked until the next compaction) draft nothing
+            budget=torch.where(self.finished[rows], -1, self.max_length - lengths - 1),
             logits_processor=self.processors,
             do_sample=self.do_sample,
             vocab_size=self.vocab_size,
@@ -213,36 +236,38 @@ class _Run:
             batch=self.batch_text,
             target_config=self.model.config,
             target_hidden=self.target_hidden,
+            prompt_length=self.prompt_length,
+            clock=self.clock,
+            compile_config=self.compile_config,
         )
 
     def _append(self, tokens, counts, sources, drafted=None):
-        """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion.
-        `sources` = (processed scores, raw logits, position of each token's distribution) for output_scores/logits;
-        `drafted` = (accepted draft tokens, tokens drafted) per row this round, on the CPU; None: tokens are the
-        target's own."""
+        """Append up to counts[b] tokens per active row, stopping at EOS, max_length or a stopping criterion; the
+        rows' `finished` flags follow. `sources` = (processed scores, raw logits, chunk position of each token's
+        distribution) for output_scores/logits; `drafted` = (accepted draft tokens, tokens drafted) per row this
+        round, for streamers; None: the tokens are the target's own."""
         rows = self.active
         lengths = self.lengths[rows]
-        counts = torch.minimum(counts, self.max_length - lengths)
+        counts = torch.where(self.finished[rows], 0, torch.minimum(counts, self.max_length - lengths))
         steps = torch.arange(tokens.shape[1], device=self.device)
         within = steps[None, :] < counts[:, None]
+        ended = torch.zeros_like(within[:, 0])
         if self.eos_tokens is not None:
             is_eos = torch.isin(tokens, self.eos_tokens) & within
-            first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, counts)
-            counts = torch.minimum(counts, first_eos)
-            ended = is_eos.any(-1) & (first_eos <= counts)
-        else:
-            ended = torch.zeros_like(counts, dtype=torch.bool)
-        source_rows, offsets = (steps[None, :] < counts[:, None]).nonzero(as_tuple=True)
-        self.sequences[rows[source_rows], lengths[source_rows] + offsets] = tokens[source_rows, offsets]
-        self._record_scores(rows, lengths, counts, *sources)
+            ended = is_eos.any(-1)
+            counts = torch.where(ended, is_eos.float().argmax(-1) + 1, counts)
+            within = steps[None, :] < counts[:, None]
+        columns = torch.where(within, lengths[:, None] + steps, self.width)  # the spare column takes the rest
+        self.buffer[rows[:, None], columns] = tokens
+        self._record_scores(rows, lengths, within, *sources)
         self.lengths[rows] = lengths + counts
         if self.extra_criteria:
             stopped, counts = self._apply_stopping_criteria(rows, lengths, counts)
             ended |= stopped
+        self.finished[rows] |= ended | (self.lengths[rows] >= self.max_length)
         if self.streamer is not None:
             accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
             self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
-        return ended
 
     def _stream(self, tokens: torch.Tensor, accepted: int, proposed: int) -> None:
         """Streamers with `put_speculative(tokens, num_from_draft, num_drafted)` also learn which tokens were
@@ -259,12 +284,13 @@ class _Run:
         the scores so far when `output_scores` keeps them. Returns (stopped rows, their new token counts)."""
         new_lengths = old_lengths + counts
         stop_length = torch.zeros_like(counts)  # 0 = not stopped this round
+        store = self.score_stores.get("scores")
         for length in range(int(old_lengths.min()) + 1, int(new_lengths.max()) + 1):
             reached = (old_lengths < length) & (length <= new_lengths) & (stop_length == 0)
             if not bool(reached.any()):
                 continue
             input_ids = self.batch_text.at_length(length)
-            scores = tuple(self.scores[: length - self.prompt_length]) if self.want_scores else None
+            scores = None if store is None else tuple(store[:, : length - self.prompt_length].unbind(1))
             fired = torch.zeros(len(self.sequences), dtype=torch.bool, device=self.device)
             for criterion in self.extra_criteria:
                 fired |= criterion(input_ids, scores).to(self.device)
@@ -274,44 +300,31 @@ class _Run:
             row, length = int(rows[index]), int(stop_length[index])
             self.sequences[row, length:] = self.pad_token
             self.lengths[row] = length
-            for position in range(length - self.prompt_length, int(new_lengths[index]) - self.prompt_length):
-                for store in (self.scores, self.raw_logits):
-                    if position < len(store):
-                        store[position][row] = 0
+            for values in self.score_stores.values():
+                values[row, length - self.prompt_length:] = 0
         return stopped, torch.where(stopped, stop_length - old_lengths, counts)
 
-    def _record_scores(self, rows, lengths, counts, processed, raw_logits, positions):
-        """Keep, per generated position, the (processed) target scores that produced each token, like generate()."""
-        stores = ([(self.scores, processed)] if self.want_scores else []) + \
-                 ([(self.raw_logits, raw_logits)] if self.want_logits else [])
-        if not stores or not counts.numel():
+    def _record_scores(self, rows, lengths, within, processed, raw_logits, positions):
+        """Keep, per generated position, the (processed) target scores that produced each token, like generate();
+        positions past a row's end stay zero."""
+        if not self.score_stores:
             return
-        stores = [(store, values.gather(1, positions[:, :, None].expand(-1, -1, values.shape[-1])))
-                  for store, values in stores]
-        generated = lengths - self.prompt_length
-        needed = int((generated + counts).max())
-        for store, values in stores:
-            while len(store) < needed:
-                store.append(torch.zeros(len(self.sequences), values.shape[-1], device=self.device))
-            for offset in range(int(counts.max())):
-                sources = (offset < counts).nonzero()[:, 0]
-                positions = (generated[sources] + offset).tolist()
-                for source, row, position in zip(sources.tolist(), rows[sources].tolist(), positions):
-                    store[position][row] = values[source, offset]
+        generated = lengths[:, None] - self.prompt_length + torch.arange(within.shape[1], device=self.device)
+        spare = self.width - self.prompt_length
+        slots = torch.where(within, generated, spare)
+        for name, values in (("scores", processed), ("logits", raw_logits)):
+            if name in self.score_stores:
+                chosen = values.gather(1, positions[:, :, None].expand(-1, -1, values.shape[-1]))
+                self.score_stores[name][rows[:, None], slots] = chosen
 
-    def _retire_finished(self, ended: torch.Tensor):
-        """Drop rows that hit EOS, a stopping criterion or max_length from the target, the drafter and the loop."""
-        rows = self.active
-        finished = ended | (self.lengths[rows] >= self.max_length)
-        if not bool(finished.any()):
-            return
-        keep = (~finished).nonzero()[:, 0]
-        self.active = rows[keep]
-        if self.target_hidden is not None:
-            self.target_hidden = self.target_hidden[keep]
-        if len(self.active):
-            self.target.select_rows(keep)
-            self.drafter.select_rows(keep)
+    def _finish_stats(self):
+        stats = self.stats
+        stats.finalize(self.histogram, self.clock)
+        stats.target_forwards = self.target_forwards
+        stats.draft_forwards = getattr(self.drafter, "forward_count", 0)
+        stats.exit_counts = dict(getattr(self.drafter, "exit_counts", {}))
+        stats.new_tokens = (self.lengths - self.prompt_length).cpu()
+        self.drafter.last_stats = stats
 
     def _output(self):
         end = int(self.lengths.max())
@@ -321,47 +334,41 @@ class _Run:
         if not self.config.return_dict_in_generate:
             return sequences
         generated = end - self.prompt_length
-        return SpeculativeGenerateOutput(
-            sequences=sequences,
-            scores=tuple(self.scores[:generated]) if self.want_scores else None,
-            logits=tuple(self.raw_logits[:generated]) if self.want_logits else None,
-            spec_stats=self.stats,
-        )
+        stores = {name: tuple(values[:, :generated].unbind(1)) for name, values in self.score_stores.items()}
+        return SpeculativeGenerateOutput(sequences=sequences, scores=stores.get("scores"),
+                                         logits=stores.get("logits"), spec_stats=self.stats)
 
 
-@dataclass
 class _VerifyChunk:
-    tokens: torch.Tensor  # [B, 1 + N] root then draft nodes
-    node_ids: torch.Tensor  # [B, 1 + N] chunk index, -1 for invalid nodes
-    depths: torch.Tensor  # [B, 1 + N] 0 for the root
-    ancestors: torch.Tensor  # [B, 1 + N, 1 + N]
-    paths: torch.Tensor  # [B, 1 + N, D] tokens after the root on each position's path
+    """The target's verify forward for one round: `[root, node_0, ..., node_{N-1}]` per row (chunk indices
+    0..N; see `draft.py`). The chunk index doubles as the node's round id in the target's `SlotCache`."""
 
-    def prefixes(self, state: DecodingState) -> TreePrefixes:
-        return state.prefixes(self.paths, self.depths)
+    def __init__(self, state: DecodingState, draft: Draft):
+        batch_size, num_nodes = draft.tokens.shape
+        device = draft.tokens.device
+        self.state, self.draft = state, draft
+        root = state.sequences.gather(1, (state.lengths - 1)[:, None])
+        self.tokens = torch.cat([root, draft.tokens], dim=1)
+        if draft.is_chain:
+            chain = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=device).tril()
+            self.node_ancestors = chain[None] & draft.valid[:, None, :]
+        else:
+            self.node_ancestors = ancestor_matrix(draft.parents, draft.max_depth) & draft.valid[:, None, :]
+        ancestors = torch.ones(batch_size, 1 + num_nodes, 1 + num_nodes, dtype=torch.bool, device=device)
+        ancestors[:, 0, 1:] = False
+        ancestors[:, 1:, 1:] = self.node_ancestors
+        self.ancestors = ancestors
+        chunk_index = torch.arange(1 + num_nodes, device=device).expand(batch_size, -1)
+        has_root = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        self.node_ids = torch.where(torch.cat([has_root, draft.valid], 1), chunk_index, -1)
+        self.depths = torch.cat([torch.zeros_like(root), draft.depths()], dim=1)
 
-
-def _verify_chunk(state: DecodingState, draft: Draft) -> _VerifyChunk:
-    batch_size, num_nodes = draft.tokens.shape
-    device = draft.tokens.device
-    root = state.sequences.gather(1, (state.lengths - 1)[:, None])
-    node_ancestors = ancestor_matrix(draft.parents) & draft.valid[:, None, :]
-    depths = draft.depths()
-    ancestors = torch.ones(batch_size, 1 + num_nodes, 1 + num_nodes, dtype=torch.bool, device=device)
-    ancestors[:, 0, 1:] = False
-    ancestors[:, 1:, 1:] = node_ancestors
-    node_ids = torch.arange(1 + num_nodes, device=device).expand(batch_size, -1)
-    root_column = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    node_ids = torch.where(torch.cat([root_column == 0, draft.valid], 1), node_ids, -1)
-    paths = path_tokens(draft.tokens, node_ancestors, depths)
-    paths = torch.cat([root_column[:, :, None].expand(-1, -1, paths.shape[-1]), paths], dim=1)
-    return _VerifyChunk(
-        tokens=torch.cat([root, draft.tokens], dim=1),
-        node_ids=node_ids,
-        depths=torch.cat([root_column, depths], dim=1),
-        ancestors=ancestors,
-        paths=paths,
-    )
+    def prefixes(self) -> TreePrefixes:
+        """Each chunk position's prefix (committed text + its path), for input-reading logits processors."""
+        draft = self.draft
+        paths = path_tokens(draft.tokens, self.node_ancestors, draft.depths(), draft.max_depth)
+        paths = torch.cat([paths.new_zeros(len(paths), 1, paths.shape[-1]), paths], dim=1)
+        return self.state.prefixes(paths, self.depths)
 
 
 def _place_bonus(tokens: torch.Tensor, num_accepted: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
@@ -398,9 +405,3 @@ def _first_token(tensor, default: int) -> int:
     if tensor is None:
         return default
     return int(tensor.reshape(-1)[0])
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

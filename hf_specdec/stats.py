@@ -2,9 +2,64 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
+
+# Phases of a speculative round (plus "prefill" before the rounds and "draft_forward" inside "draft").
+ROUND_PHASES = ("draft", "verify_forward", "processors", "acceptance", "cache", "bookkeeping")
+PHASES = ("prefill", *ROUND_PHASES)
+_NO_TIMING = contextlib.nullcontext()
+
+
+class PhaseClock:
+    """The one timer of the engine and its drafters: `with clock("draft"): ...`.
+
+    Off (the default) it costs nothing. With `timing=True` it synchronises the device around every phase and adds
+    up wall seconds per phase; inside `profiled_phases()` each phase is also a `spec::<phase>` torch.profiler range
+    (`recipes/profile_engine.py` attributes every op to its phase).
+    """
+
+    profiling = False  # set by profiled_phases()
+
+    def __init__(self, device: torch.device, timing: bool = False):
+        self.device, self.timing = torch.device(device), timing
+        self.seconds: collections.Counter = collections.Counter()
+
+    def __call__(self, phase: str):
+        if not (self.timing or PhaseClock.profiling):
+            return _NO_TIMING
+        return self._measured(phase)
+
+    @contextlib.contextmanager
+    def _measured(self, phase: str):
+        ranges = torch.profiler.record_function(f"spec::{phase}") if PhaseClock.profiling else _NO_TIMING
+        with ranges:
+            if not self.timing:
+                yield
+                return
+            self.synchronize()
+            start = time.perf_counter()
+            yield
+            self.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@contextlib.contextmanager
+def profiled_phases():
+    """Mark every phase as a `spec::<phase>` torch.profiler range while this is active."""
+    PhaseClock.profiling = True
+    try:
+        yield
+    finally:
+        PhaseClock.profiling = False
 
 
 @dataclass
@@ -15,7 +70,8 @@ class SpecStats:
     `accepted[b]` draft tokens the verifier accepted for row b (the bonus token is not counted).
     `rounds[b]`   verification forwards row b took part in.
     `rejected[b]` rounds of row b that ended on a refused draft token (the others ran out of draft).
-    Times are wall-clock seconds, measured with the device synchronised. `draft_seconds` / `verify_seconds` are
+    Phase times are measured only with `generate(..., time_phases=True)` (they synchronise the device around every
+    phase; without it they are 0 and the loop never waits for the device). `draft_seconds` / `verify_seconds` are
     the two phases of the rounds (Python included); `target_forward_seconds` / `draft_forward_seconds` only the
     model forwards, so `loop_efficiency = model forwards / wall time` (1.0 = zero loop overhead).
     """
@@ -38,13 +94,33 @@ class SpecStats:
     accepted_length_counts: list[int] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, batch_size: int) -> SpecStats:
-        zeros = torch.zeros(batch_size, dtype=torch.long)
+    def empty(cls, batch_size: int, device: torch.device | str = "cpu") -> SpecStats:
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cls(drafted=zeros.clone(), accepted=zeros.clone(), rounds=zeros.clone(), rejected=zeros.clone())
 
-    def record_accepted_lengths(self, num_accepted: torch.Tensor) -> None:
-        """Add one round's accepted counts (one per active row) to the histogram."""
-        self.accepted_length_counts = add_counts(self.accepted_length_counts, torch.bincount(num_accepted).tolist())
+    def record_round(self, rows, alive, drafted, accepted, rejected, histogram: torch.Tensor) -> None:
+        """Add one round of the rows `rows` (only those `alive`) on the device; nothing is read back."""
+        alive = alive.long()
+        self.drafted.index_add_(0, rows, drafted * alive)
+        self.accepted.index_add_(0, rows, accepted * alive)
+        self.rejected.index_add_(0, rows, rejected.long() * alive)
+        self.rounds.index_add_(0, rows, alive)
+        histogram.index_add_(0, accepted.clamp(max=len(histogram) - 1), alive)
+
+    def finalize(self, histogram: torch.Tensor, clock: PhaseClock) -> None:
+        """Bring the device counters to the host once, at the end of generate()."""
+        for name in ("drafted", "accepted", "rounds", "rejected"):
+            setattr(self, name, getattr(self, name).cpu())
+        counts = histogram.tolist()
+        while counts and counts[-1] == 0:
+            counts.pop()
+        self.accepted_length_counts = counts
+        seconds = clock.seconds
+        self.prefill_seconds = seconds["prefill"]
+        self.draft_seconds = seconds["draft"]
+        self.verify_seconds = sum(seconds[name] for name in ROUND_PHASES if name != "draft")
+        self.target_forward_seconds = seconds["prefill"] + seconds["verify_forward"]
+        self.draft_forward_seconds = seconds["draft_forward"]
 
     @property
     def acceptance_rate(self) -> float:

@@ -1,8 +1,8 @@
 """Decide which draft tokens the target accepts, per row, for chains and trees alike.
 
-The verify forward runs the target on [root, node_1, ..., node_N] (the root is the row's last committed token).
-`processed[:, 0]` is the target's processed distribution for the root's children, `processed[:, 1 + i]` for the
-children of node i. Walking down from the root:
+The verify forward runs the target on [root, node_0, ..., node_{N-1}] (chunk indices 0..N; the root is the
+row's last committed token). `processed[:, 0]` is the target's processed distribution for the root's children,
+`processed[:, 1 + i]` for the children of node i. Walking down from the root:
 
 - greedy: follow the child whose token equals the processed argmax; stop when none does; the bonus is the argmax.
 - sampling: try the children in order; child x drawn from q is accepted with probability min(1, p(x) / q(x)); on
@@ -10,6 +10,9 @@ children of node i. Walking down from the root:
   Leviathan's rule for a chain). A deterministic child has q = one-hot, so it is accepted with probability p(x) and
   rejection removes x from p. When no child is accepted, the bonus is drawn from the current (residual) p; when a
   leaf is reached, from the leaf's p. Either way every emitted token follows the target's processed distribution.
+
+A chain takes a closed form (all positions at once); a tree walks `max_depth` levels over `max_children`
+siblings. Neither reads anything back to the host.
 """
 
 from __future__ import annotations
@@ -26,33 +29,67 @@ class Verdict:
     path: torch.Tensor  # [B, D] accepted node indices (into the draft), root excluded; -1 past num_accepted
     num_accepted: torch.Tensor  # [B]
     next_token: torch.Tensor  # [B] the bonus (or correction) token drawn from the target
-    last_position: torch.Tensor  # [B] verify-chunk index (0 = root) whose distribution produced next_token
+    last_position: torch.Tensor  # [B] chunk index (0 = root) whose distribution produced next_token
     rejected: torch.Tensor  # [B] bool: the walk stopped at a node that had draft children (one was refused)
-
-
-def children_table(draft: Draft) -> torch.Tensor:
-    """[B, 1 + N, K] chunk indices (1 + node) of each chunk position's children in draft order, -1 padded."""
-    batch_size, num_nodes = draft.tokens.shape
-    device = draft.tokens.device
-    parent_chunk = torch.where(draft.valid, draft.parents + 1, -1)  # chunk index of each node's parent
-    same_parent = (parent_chunk[:, :, None] == parent_chunk[:, None, :]) & draft.valid[:, None, :]
-    earlier = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=device).tril(-1)
-    sibling_rank = (same_parent & earlier).sum(-1)  # how many valid earlier siblings each node has
-    width = int(sibling_rank[draft.valid].max()) + 1 if bool(draft.valid.any()) else 1
-    table = torch.full((batch_size, 1 + num_nodes, width), -1, dtype=torch.long, device=device)
-    rows, nodes = draft.valid.nonzero(as_tuple=True)
-    table[rows, parent_chunk[rows, nodes], sibling_rank[rows, nodes]] = nodes + 1
-    return table
 
 
 def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
     """processed: [B, 1 + N, V] target scores after the generation's logits processors."""
-    batch_size = processed.shape[0]
+    if draft.is_chain:
+        return _verify_chain(processed, draft, do_sample)
+    return _verify_tree(processed, draft, do_sample)
+
+
+def _verify_chain(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
+    batch_size, num_nodes = draft.tokens.shape
+    rows = torch.arange(batch_size, device=processed.device)
+    positions = torch.arange(num_nodes, device=processed.device)
+    drafted = draft.valid.sum(-1)
+    if not do_sample:
+        choice = processed.argmax(-1)  # [B, 1 + N]
+        match = (draft.tokens == choice[:, :num_nodes]) & draft.valid
+        accepted = match.long().cumprod(-1).sum(-1)
+        next_token = choice.gather(1, accepted[:, None])[:, 0]
+    else:
+        probs = processed.softmax(-1)
+        p_token = probs[:, :num_nodes].gather(2, draft.tokens[:, :, None])[:, :, 0]
+        q_token = torch.ones_like(p_token) if draft.probs is None else \
+            draft.probs.gather(2, draft.tokens[:, :, None])[:, :, 0]
+        keep = (torch.rand_like(p_token) * q_token < p_token) & draft.valid
+        accepted = keep.long().cumprod(-1).sum(-1)
+        stop = probs[rows, accepted]  # p where the walk stopped
+        refused = accepted < drafted
+        at = accepted.clamp(max=max(num_nodes - 1, 0))
+        if num_nodes:
+            q = None if draft.probs is None else draft.probs[rows, at]
+            stop = torch.where(refused[:, None], _residual(stop, draft.tokens[rows, at], q), stop)
+        next_token = torch.multinomial(stop, 1)[:, 0]
+    path = torch.where(positions < accepted[:, None], positions, -1)
+    return Verdict(path, accepted, next_token, accepted, accepted < drafted)
+
+
+def children_table(draft: Draft, width: int) -> torch.Tensor:
+    """[B, 1 + N, width] chunk indices (1 + node) of each chunk position's children in draft order, -1 padded."""
+    batch_size, num_nodes = draft.tokens.shape
+    device = draft.tokens.device
+    parent_chunk = torch.where(draft.valid, draft.parents + 1, num_nodes + 1)  # invalid nodes: a dump row
+    same_parent = (parent_chunk[:, :, None] == parent_chunk[:, None, :]) & draft.valid[:, None, :]
+    earlier = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=device).tril(-1)
+    sibling_rank = (same_parent & earlier).sum(-1).clamp(max=width)  # rank >= width: a dump column
+    table = torch.full((batch_size, num_nodes + 2, width + 1), -1, dtype=torch.long, device=device)
+    nodes = torch.arange(num_nodes, device=device).expand(batch_size, -1)
+    table[torch.arange(batch_size, device=device)[:, None], parent_chunk, sibling_rank] = nodes + 1
+    return table[:, : num_nodes + 1, :width]
+
+
+def _verify_tree(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
+    batch_size, num_nodes = draft.tokens.shape
     device = processed.device
-    children = children_table(draft)
+    width = draft.max_children or num_nodes
+    children = children_table(draft, width)
     root = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the root token is never looked up
     chunk_tokens = torch.cat([root, draft.tokens], dim=1)
-    max_depth = int(draft.depths()[draft.valid].max()) if bool(draft.valid.any()) else 0
+    max_depth = min(draft.max_depth, num_nodes)
     rows = torch.arange(batch_size, device=device)
 
     current = torch.zeros(batch_size, dtype=torch.long, device=device)  # chunk index of the last accepted position
@@ -76,37 +113,31 @@ def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
 
     probs = processed.softmax(-1)
     target_p = probs[:, 0]
-    draft_probs = draft.probs
     for depth in range(max_depth + 1):
         candidates = children[rows, current]
         moved = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        for rank in range(candidates.shape[1]):
+        for rank in range(width):
             child = candidates[:, rank]
             trying = alive & ~moved & (child >= 0)
-            if not bool(trying.any()):
-                break
             token = chunk_tokens.gather(1, child.clamp(min=0)[:, None])[:, 0]
             p_token = target_p.gather(1, token[:, None])[:, 0]
-            if draft_probs is None:
+            if draft.probs is None:
                 q = None
                 q_token = torch.ones_like(p_token)
             else:
-                q = draft_probs[rows, (child - 1).clamp(min=0)]
+                q = draft.probs[rows, (child - 1).clamp(min=0)]
                 q_token = q.gather(1, token[:, None])[:, 0]
             accept = trying & (torch.rand_like(p_token) * q_token < p_token)
             reject = trying & ~accept
-            residual = _residual(target_p, token, q)
-            target_p = torch.where(reject[:, None], residual, target_p)
+            target_p = torch.where(reject[:, None], _residual(target_p, token, q), target_p)
             moved |= accept
             current = torch.where(accept, child, current)
-            if depth < path.shape[1]:
+            if depth < max_depth:
                 path[:, depth] = torch.where(accept, child - 1, path[:, depth])
         num_accepted += moved.long()
         alive = moved
         # rows that moved continue from the accepted child's full distribution
         target_p = torch.where(moved[:, None], probs[rows, current], target_p)
-        if not bool(alive.any()):
-            break
     next_token = torch.multinomial(target_p, 1)[:, 0]
     return Verdict(path, num_accepted, next_token, current, children[rows, current, 0] >= 0)
 

@@ -15,8 +15,9 @@ class RecordingDrafter(ModelDrafter):
         self.seen = []
 
     def propose(self, state):
-        self.seen.append((state.sequences.clone(), state.lengths.clone(), state.row_ids.clone(),
-                          state.target_hidden.clone()))
+        running = state.budget >= 0  # finished rows wait, masked, for the next compaction: they draft nothing
+        self.seen.append((state.sequences[running].clone(), state.lengths[running].clone(),
+                          state.row_ids[running].clone(), state.target_hidden[running].clone()))
         return super().propose(state)
 
 

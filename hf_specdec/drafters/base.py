@@ -9,7 +9,7 @@ import torch
 
 from ..draft import Draft
 from ..processors import BatchText, TreePrefixes
-from ..stats import SpecStats
+from ..stats import PhaseClock, SpecStats
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,23 @@ class DecodingState:
     batch: BatchText  # every row of the generate() call (after num_return_sequences expansion)
     target_config: object = None
     target_hidden: torch.Tensor | None = None  # [B, L, H] target states at `target_hidden_layers`, last accepted position
+    prompt_length: int = 0  # width of the left-padded prompt
+    clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`
+    compile_config: object = None  # a transformers CompileConfig: capture fixed-shape forwards with torch.compile
 
     def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
         """Per-position prefixes (committed text + `paths`) for applying the logits processors."""
         return TreePrefixes(self.batch, self.row_ids, self.lengths, paths, depths)
+
+    def root_prefixes(self):
+        """The prefixes of the one position after each row's text (the distribution of the root's children)."""
+        rows = len(self.lengths)
+        return self.prefixes(self.sequences.new_zeros(rows, 1, 0), self.lengths.new_zeros(rows, 1))
+
+
+def heuristic_cap(num_draft_tokens: int) -> int:
+    """The `schedule="heuristic"` draft length grows by 2 per fully accepted round, up to this."""
+    return max(16, 2 * num_draft_tokens)
 
 
 class Drafter(ABC):
@@ -88,8 +101,15 @@ class Drafter(ABC):
     # -- lifecycle, called by the engine --------------------------------------------------------------------
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
         """Called once per generate() after the target's prefill. Validate, build per-call state."""
+        self.draft_length = num_draft_tokens or self.num_draft_tokens
+        self._row_draft_tokens = torch.full((state.sequences.shape[0],), self.draft_length, dtype=torch.long)
+
+    def max_round_nodes(self, num_draft_tokens: int | None = None) -> int:
+        """The most draft nodes one round can propose (sizes caches and the fixed shape of captured forwards)."""
+        if self.tree is not None:
+            return self.tree.max_nodes
         length = num_draft_tokens or self.num_draft_tokens
-        self._row_draft_tokens = torch.full((state.sequences.shape[0],), length, dtype=torch.long)
+        return heuristic_cap(length) if self.schedule == "heuristic" else length
 
     @abstractmethod
     def propose(self, state: DecodingState) -> Draft:
@@ -99,8 +119,9 @@ class Drafter(ABC):
         """Told what the target accepted this round (before the new tokens are appended to `state`)."""
         if self.schedule == "heuristic" and self.tree is None:
             lengths = self._row_draft_tokens
-            full = num_accepted.cpu() >= draft.valid.sum(-1).cpu()
-            self._row_draft_tokens = torch.where(full, lengths + 2, (lengths - 1).clamp(min=1))
+            full = num_accepted.cpu() >= draft.valid.sum(-1).cpu()  # the one schedule that reads the device
+            grown = (lengths + 2).clamp(max=heuristic_cap(self.draft_length))
+            self._row_draft_tokens = torch.where(full, grown, (lengths - 1).clamp(min=1))
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self._row_draft_tokens = self._row_draft_tokens[rows.cpu()]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..cache import SlotCache
 from ..draft import Draft
 from ..processors import TreePrefixes, apply_processors
+from ..stats import PhaseClock
 from .base import DecodingState, Drafter, TreeConfig
+
+PENDING_WIDTH = 2  # committed tokens a drafter can be behind at the start of a round (see _pending_committed)
 
 
 class ModelDrafter(Drafter):
@@ -34,7 +35,6 @@ class ModelDrafter(Drafter):
         self.model = model
         self.vocab_size = model.config.get_text_config().vocab_size
         self.cache: SlotCache | None = None
-        self.forward_seconds = 0.0
         self.forward_count = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -43,43 +43,58 @@ class ModelDrafter(Drafter):
         check_shared_vocabulary(target, self.model)
         self.model.eval()
         self.device = self.model.device
+        self.clock = state.clock or PhaseClock(self.device)
         batch_size = state.sequences.shape[0]
-        self.cache = self._new_cache(batch_size)
-        prompt_width = state.sequences.shape[1] if state.lengths.numel() == 0 else int(state.lengths.min()) - 1
-        # Everything but the root is committed text the drafter has not seen yet; feed the prompt now and the rest
-        # (the prefill's token) with the first draft.
-        self.fed = torch.zeros(batch_size, dtype=torch.long, device=state.lengths.device)
-        self._prefill(state.sequences[:, :prompt_width], state.token_mask[:, :prompt_width])
-        self.fed += prompt_width
-        self.forward_seconds, self.forward_count = 0.0, 0
+        self.round_capacity = self._round_capacity()
+        capacity = state.sequences.shape[1] + PENDING_WIDTH + self.round_capacity + 2
+        compiled = None if state.compile_config is None else self.model.get_compiled_call(state.compile_config)
+        self.cache = self._new_cache(batch_size, capacity, compiled)
+        # The drafter sees the prompt now; the rest of the text (from the prefill's token on, the root) comes in
+        # front of each round's draft.
+        prompt = state.prompt_length
+        self._prefill(state.sequences[:, :prompt], state.token_mask[:, :prompt])
+        self.fed = torch.full((batch_size,), prompt, dtype=torch.long, device=state.lengths.device)
+        self.forward_count = 0
 
-    def _new_cache(self, batch_size: int) -> SlotCache:
-        return SlotCache(self.model, batch_size, self.device)
+    def _round_capacity(self) -> int:
+        """Round ids one round can use in the drafter's cache: chain steps, or every tree candidate."""
+        if self.tree is None:
+            return self.max_round_nodes(self.draft_length)
+        return self.tree.top_k + (self.tree.depth - 1) * self.tree.top_k * self.tree.top_k
+
+    def _new_cache(self, batch_size: int, capacity: int, compiled_call) -> SlotCache:
+        return SlotCache(self.model, batch_size, capacity, self.device, compiled_call=compiled_call,
+                         max_round_nodes=self.round_capacity)
 
     def _prefill(self, tokens, valid):
-        self._forward_committed(tokens, valid)
+        with self.clock("draft_forward"):
+            self.cache.prefill(self._embeddable(tokens), valid, logits_to_keep=1, **self._model_inputs())
+        self.forward_count += 1
 
     def select_rows(self, rows: torch.Tensor) -> None:
         super().select_rows(rows)
         self.cache.select_rows(rows.to(self.device))
-        self.fed = self.fed[rows]
+        self.fed = self.fed[rows.to(self.fed.device)]
 
     def finish(self) -> None:
         self.cache = None
 
     # ------------------------------------------------------------------ drafting
     def propose(self, state: DecodingState) -> Draft:
+        self._fed_tentative = False
         if self.tree is not None:
             return self._propose_tree(state)
         return self._propose_chain(state)
 
     def _pending_committed(self, state: DecodingState):
-        """The committed tokens the drafter has not seen yet (at least the root), right-aligned: [B, W] + mask."""
+        """The committed tokens the drafter has not seen yet, right-aligned in PENDING_WIDTH columns: [B, W] + mask.
+        At most two are pending: the round's bonus token, and the last accepted draft token when it was a leaf
+        (never fed to the drafter)."""
         pending = state.lengths - self.fed
-        width = int(pending.max())
-        columns = state.lengths[:, None] - width + torch.arange(width, device=state.lengths.device)
+        steps = torch.arange(PENDING_WIDTH, device=pending.device)
+        columns = state.lengths[:, None] - PENDING_WIDTH + steps
         tokens = state.sequences.gather(1, columns.clamp(min=0))
-        valid = torch.arange(width, device=pending.device)[None, :] >= (width - pending)[:, None]
+        valid = steps[None, :] >= (PENDING_WIDTH - pending)[:, None]
         self.fed = state.lengths.clone()
         return tokens, valid
 
@@ -87,22 +102,18 @@ class ModelDrafter(Drafter):
         """Feed the unseen committed tokens; processed draft scores [B, V] for the root's children."""
         tokens, valid = self._pending_committed(state)
         logits = self._forward_committed(tokens, valid).logits[:, -1]
-        batch_size = tokens.shape[0]
-        root = state.prefixes(state.sequences[:, None, :0], torch.zeros(batch_size, 1, dtype=torch.long,
-                                                                       device=state.sequences.device))
-        return self._process(logits[:, None], state, root)[:, 0]
+        return self._process(logits[:, None], state, state.root_prefixes())[:, 0]
 
     def _node_scores(self, tokens, node_ids, depths, ancestors, state, prefixes) -> torch.Tensor:
         """Feed draft nodes [B, F] as tentative tree nodes; processed draft scores [B, F, V] for their children."""
+        self._fed_tentative = True
         logits = self._forward_tentative(tokens, node_ids, depths, ancestors).logits
         return self._process(logits, state, prefixes)
 
     def _propose_chain(self, state: DecodingState) -> Draft:
         lengths = self.chain_lengths(state)
-        steps = int(lengths.max()) if lengths.numel() else 0
+        steps = int(self._row_draft_tokens.max())  # the schedule's lengths live on the host: no device read
         batch_size = state.sequences.shape[0]
-        if steps == 0:
-            return Draft.empty(batch_size, state.sequences.device)
         scores = self._root_scores(state)
         tokens, probs = [], []
         ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
@@ -124,11 +135,8 @@ class ModelDrafter(Drafter):
         tree = self.tree
         batch_size = state.sequences.shape[0]
         device = state.sequences.device
-        if int(state.budget.max()) == 0:
-            return Draft.empty(batch_size, device)
-        depth_limit = min(tree.depth, int(state.budget.max()))
-        capacity = tree.top_k + (depth_limit - 1) * tree.top_k * tree.top_k
-        buffers = _CandidateBuffers(batch_size, capacity, depth_limit, device)
+        depth_limit = tree.depth
+        buffers = _CandidateBuffers(batch_size, self.round_capacity, depth_limit, device)
 
         log_q = _log_probs(self._root_scores(state))
         frontier = buffers.add_children(log_q[:, None], parents=None, top_k=tree.top_k)
@@ -141,17 +149,16 @@ class ModelDrafter(Drafter):
                                        buffers.ancestors.to(self.device), state, prefixes)
             children = buffers.add_children(_log_probs(scores), parents=frontier, top_k=tree.top_k)
             frontier = buffers.best(children, tree.top_k)
-        draft, selected = buffers.select(tree.max_nodes)
+        draft, selected = buffers.select(tree.max_nodes, tree.top_k)
         self._draft_node_ids = selected.to(self.device)  # the cache knows nodes by candidate id
         return draft
 
     def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
         super().accept(state, draft, path, num_accepted)
-        if self.cache.slot_nodes.shape[1] == 0:  # nothing was fed this round
+        if not self._fed_tentative:  # nothing was fed this round
             return
-        counts = self.cache.keep_path(self._accepted_node_ids(path), num_accepted.to(self.device))
+        counts = self.cache.keep_path(self._accepted_node_ids(path), num_accepted, in_place=self.tree is None)
         self.fed = self.fed + counts.to(self.fed.device)
-        self.cache.compact()
 
     def _accepted_node_ids(self, path: torch.Tensor) -> torch.Tensor:
         """The drafter's own node ids (as fed to its caches) of the accepted path's draft nodes."""
@@ -179,11 +186,8 @@ class ModelDrafter(Drafter):
         return tokens.to(self.device).clamp(max=self.vocab_size - 1)
 
     def _timed(self, function, *args, **kwargs):
-        _synchronize(self.device)
-        start = time.perf_counter()
-        outputs = function(*args, **kwargs)
-        _synchronize(self.device)
-        self.forward_seconds += time.perf_counter() - start
+        with self.clock("draft_forward"):
+            outputs = function(*args, **kwargs)
         self.forward_count += 1
         return outputs
 
@@ -239,7 +243,7 @@ class _CandidateBuffers:
         scores = self.scores.gather(1, ids)
         return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
 
-    def select(self, max_nodes: int) -> tuple[Draft, torch.Tensor]:
+    def select(self, max_nodes: int, top_k: int) -> tuple[Draft, torch.Tensor]:
         """The best `max_nodes` candidates as a topologically ordered Draft. A child never scores above its
         parent, and ties go to the shallower node, so the selection is a connected subtree."""
         scores = self.scores[:, : self.count]
@@ -259,7 +263,8 @@ class _CandidateBuffers:
         usable = torch.isfinite(scores) & (position_of >= 0)
         ancestors = self.ancestors[:, : self.count, : self.count]
         node_ok = ~(ancestors & ~usable[:, None, :]).any(-1)
-        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=node_ok.gather(1, chosen))
+        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=node_ok.gather(1, chosen),
+                      max_depth=self.paths.shape[-1], max_children=top_k)
         return draft, chosen
 
 
@@ -272,11 +277,6 @@ def _draw(scores: torch.Tensor, do_sample: bool):
 
 def _log_probs(scores: torch.Tensor) -> torch.Tensor:
     return scores.log_softmax(-1)
-
-
-def _synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def match_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

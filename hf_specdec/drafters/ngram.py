@@ -40,7 +40,7 @@ class NGramDrafter(Drafter):
             rows.append(matches)
         if self.tree is None:
             return _chain_draft(rows, state.sequences.device)
-        return _trie_draft(rows, self.tree.max_nodes, state.sequences.device)
+        return _trie_draft(rows, self.tree, state.sequences.device)
 
     def _continuations(self, text: torch.Tensor, depth: int) -> list[list[int]]:
         """Continuations of the most recent earlier occurrences of the longest matching suffix."""
@@ -74,7 +74,7 @@ def _chain_draft(rows: list[list[list[int]]], device) -> Draft:
     return Draft.chain(tokens.to(device), lengths=lengths.to(device))
 
 
-def _trie_draft(rows: list[list[list[int]]], max_nodes: int, device) -> Draft:
+def _trie_draft(rows: list[list[list[int]]], tree: TreeConfig, device) -> Draft:
     """Merge each row's continuations into a trie (breadth-first node order, so parents precede children)."""
     tries = []
     for matches in rows:
@@ -83,7 +83,7 @@ def _trie_draft(rows: list[list[list[int]]], max_nodes: int, device) -> Draft:
         for level in range(max((len(m) for m in matches), default=0)):
             for continuation in matches:
                 key = tuple(continuation[: level + 1])
-                if len(continuation) > level and key not in nodes and len(order) < max_nodes:
+                if len(continuation) > level and key not in nodes and len(order) < tree.max_nodes:
                     nodes[key] = len(order)
                     order.append(key)
         tries.append((nodes, order))
@@ -96,4 +96,5 @@ def _trie_draft(rows: list[list[list[int]]], max_nodes: int, device) -> Draft:
             tokens[row, index] = key[-1]
             parents[row, index] = nodes[key[:-1]] if len(key) > 1 else -1
             valid[row, index] = True
-    return Draft(tokens.to(device), parents.to(device), valid.to(device))
+    return Draft(tokens.to(device), parents.to(device), valid.to(device), max_depth=tree.depth,
+                 max_children=tree.top_k)

@@ -17,9 +17,9 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
-from ..cache import SlotCache, right_aligned_order
+from ..cache import SlotCache, SlotKVCache, right_aligned_order
 from ..compat import cache_argument
 from ..draft import Draft
 from .base import DecodingState, TreeConfig
@@ -103,12 +103,12 @@ class SortedDrafter(ModelDrafter):
         return _Scope()
 
     # ------------------------------------------------------------------ per-call state
-    def _new_cache(self, batch_size: int) -> SlotCache:
-        shared = DynamicCache()
+    def _new_cache(self, batch_size: int, capacity: int, compiled_call) -> SlotCache:
+        shared = SlotKVCache(batch_size, capacity)  # segments run layer by layer: never compiled as a whole
         bounds = [0, *self.exits]
         self.segments = [
-            SlotCache(self.model, batch_size, self.device, run=self._segment_runner(start, end),
-                      layers=range(start, end), cache=shared)
+            SlotCache(self.model, batch_size, capacity, self.device, run=self._segment_runner(start, end),
+                      layers=range(start, end), cache=shared, max_round_nodes=self.round_capacity)
             for start, end in pairwise(bounds)
         ]
         hidden_size = self.model.config.get_text_config().hidden_size
@@ -120,6 +120,7 @@ class SortedDrafter(ModelDrafter):
 
     def _prefill(self, tokens, valid):
         self._committed_cascade(tokens.to(self.device), valid.to(self.device))
+        self.forward_count = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         super().select_rows(rows)  # segment 0 and `fed`
@@ -141,12 +142,10 @@ class SortedDrafter(ModelDrafter):
     def _root_scores(self, state: DecodingState) -> torch.Tensor:
         tokens, valid = self._pending_committed(state)
         exit_hidden = self._committed_cascade(tokens.to(self.device), valid.to(self.device))
-        batch_size = tokens.shape[0]
-        root = state.prefixes(state.sequences[:, None, :0],
-                              torch.zeros(batch_size, 1, dtype=torch.long, device=state.sequences.device))
-        return self._gate(lambda k, needing: exit_hidden[k][:, -1:], state, root)[:, 0]
+        return self._gate(lambda k, needing: exit_hidden[k][:, -1:], state, state.root_prefixes())[:, 0]
 
     def _node_scores(self, tokens, node_ids, depths, ancestors, state, prefixes) -> torch.Tensor:
+        self._fed_tentative = True
         self._ancestors = ancestors
         first = self._timed(self.segments[0].forward_tentative, self._embeddable(tokens), node_ids, depths, ancestors)
         count = tokens.shape[1]
@@ -230,19 +229,17 @@ class SortedDrafter(ModelDrafter):
     # ------------------------------------------------------------------ after verification
     def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
         self._count_exits(draft)
-        if self.segments[0].slot_nodes.shape[1] == 0:  # nothing fed this round (catch-up only)
+        if not self._fed_tentative:  # nothing fed this round (catch-up only)
             super().accept(state, draft, path, num_accepted)
             return
         accepted = self._accepted_node_ids(path)
         num_accepted = num_accepted.to(self.device)
         for segment in self.segments[1:]:
-            segment.keep_path(accepted, num_accepted)
+            segment.keep_path(accepted, num_accepted, in_place=self.tree is None)
         in_path = torch.arange(accepted.shape[1], device=self.device) < num_accepted[:, None]
         for pending in self.pending[1:]:
             pending.commit_accepted(torch.where(in_path, accepted, -2))
         super().accept(state, draft, path, num_accepted)  # segment 0, `fed`, schedule
-        for segment in self.segments[1:]:
-            segment.compact()
 
     def _count_exits(self, draft: Draft) -> None:
         if not self._level_exits or not bool(draft.valid.any()):
