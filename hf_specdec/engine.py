@@ -12,6 +12,7 @@ input-reading logits processors need the host and add their own reads, only when
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .compat import hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
 from .options import check_generate_options
+from .schedule import CHECK_EVERY
 from .processors import BatchText, TreePrefixes, apply_processors
 from .stats import PHASES, PhaseClock, SpecStats, profiled_phases  # noqa: F401  (PHASES, profiled_phases: re-exported)
 from .verify import verify
@@ -60,6 +62,9 @@ def speculative_generate(
     _validate(model, input_ids, generation_config, drafter, model_kwargs, logits_processor or [])
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, stream_to,
                model_kwargs.get("attention_mask"), time_phases)
+    if run.auto is not None and run.auto.wants_plain_decoding():
+        # schedule="auto" first measures plain decoding here, and keeps to it where drafting cannot pay
+        return run.plain_decoding(input_ids, logits_processor, stopping_criteria, model_kwargs)
     return run.generate(num_draft_tokens)
 
 
@@ -99,11 +104,15 @@ class _Run:
         self.clock = PhaseClock(model.device, timing=time_phases)
         self.compile_config = None if config.disable_compile else config.compile_config
         self.stats = SpecStats.empty(batch_size, self.device)
+        self.seen_accepted = (0, 0)  # (accepted, decided) draft tokens at the last acceptance read (auto)
         self.target_forwards = 0
         max_new = self.width - self.prompt_length
         self.score_stores = {name: torch.zeros(batch_size, max_new + 1, self.vocab_size, device=self.device)
                              for name, wanted in (("scores", config.output_scores), ("logits", config.output_logits))
                              if wanted and config.return_dict_in_generate}
+        self.auto = drafter.auto
+        if self.auto is not None:
+            self.auto.start((batch_size, model.device.type, self.compile_config is not None))
         # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
         self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
         self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
@@ -121,8 +130,13 @@ class _Run:
         self._prefill()
         self.drafter.start(self.model, self._state(), num_draft_tokens=num_draft_tokens)
         try:
+            rounds = 0
             while self._running():
-                self._round()
+                if self.auto is None:
+                    self._round()
+                else:
+                    self._auto_round(rounds)
+                rounds += 1
         finally:
             self.drafter.finish()
         self.clock.synchronize()
@@ -183,6 +197,49 @@ class _Run:
             # the distribution behind each emitted token sits at its parent's chunk position
             sources = (processed, logits, kept[:, : new_tokens.shape[1]])
             self._append(new_tokens, verdict.num_accepted + 1, sources, (verdict.num_accepted, drafted))
+
+    def _auto_round(self, rounds: int) -> None:
+        """A round whose draft length schedule="auto" picks; while it calibrates, the round is timed."""
+        length = self.auto.next_length()
+        self.drafter.set_draft_length(length)
+        if not self.auto.calibrating:
+            self._round()
+        else:
+            self.clock.synchronize()
+            start = time.perf_counter()
+            self._round()
+            self.clock.synchronize()
+            self.auto.observe_round(length, time.perf_counter() - start)
+        if rounds % CHECK_EVERY == CHECK_EVERY - 1:  # one host read of the acceptance counters
+            accepted, rejected = torch.stack([self.stats.accepted.sum(), self.stats.rejected.sum()]).tolist()
+            self.auto.observe_acceptance(accepted - self.seen_accepted[0], accepted + rejected - self.seen_accepted[1])
+            self.seen_accepted = (accepted, accepted + rejected)
+
+    def plain_decoding(self, input_ids, logits_processor, stopping_criteria, model_kwargs):
+        """transformers' own decoding loop (`GenerationMixin._sample`), for when drafting cannot pay; under
+        schedule="auto" its steps are timed (median time between two streamed tokens, prefill excluded)."""
+        if self.streamer is not None:
+            self.streamer.put(input_ids.cpu())
+        steps = _StepTimer(self.streamer)
+        start = time.perf_counter()
+        out = self.model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                 generation_config=self.config, synced_gpus=False,
+                                 streamer=steps if self.auto is not None else self.streamer, **model_kwargs)
+        self.stats.wall_seconds = time.perf_counter() - start
+        generated = (out if isinstance(out, torch.Tensor) else out.sequences)[:, self.prompt_length:]
+        ends = torch.isin(generated, self.eos_tokens) if self.eos_tokens is not None else torch.zeros_like(generated,
+                                                                                                         dtype=torch.bool)
+        first_end = torch.where(ends.any(-1), ends.float().argmax(-1) + 1, generated.shape[1])
+        self.lengths = self.prompt_length + first_end.to(self.device)
+        self.histogram = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.target_forwards = generated.shape[1]
+        if self.auto is not None and steps.step_seconds is not None:
+            self.auto.observe_plain_step(steps.step_seconds)
+        self.drafter.forward_count = 0
+        self._finish_stats()
+        if isinstance(out, torch.Tensor):
+            return out
+        return SpeculativeGenerateOutput(**{key: value for key, value in out.items()}, spec_stats=self.stats)
 
     def _running(self) -> bool:
         """The round's one read from the device: how many rows still run. Rows that finished leave the caches
@@ -337,6 +394,27 @@ class _Run:
         stores = {name: tuple(values[:, :generated].unbind(1)) for name, values in self.score_stores.items()}
         return SpeculativeGenerateOutput(sequences=sequences, scores=stores.get("scores"),
                                          logits=stores.get("logits"), spec_stats=self.stats)
+
+
+class _StepTimer:
+    """A streamer that notes when each decoding step's tokens arrive (and passes them on to the user's)."""
+
+    def __init__(self, streamer=None):
+        self.streamer, self.times = streamer, []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+        if self.streamer is not None:
+            self.streamer.put(value)
+
+    def end(self):
+        if self.streamer is not None:
+            self.streamer.end()
+
+    @property
+    def step_seconds(self) -> float | None:
+        gaps = [later - earlier for earlier, later in zip(self.times[1:], self.times[2:])]  # after the prefill
+        return statistics.median(gaps) if gaps else None
 
 
 class _VerifyChunk:

@@ -9,6 +9,7 @@ import torch
 
 from ..draft import Draft
 from ..processors import BatchText, TreePrefixes
+from ..schedule import AutoSchedule
 from ..stats import PhaseClock, SpecStats
 
 
@@ -70,6 +71,9 @@ class DecodingState:
         return self.prefixes(self.sequences.new_zeros(rows, 1, 0), self.lengths.new_zeros(rows, 1))
 
 
+SCHEDULES = ("constant", "heuristic", "auto")
+
+
 def heuristic_cap(num_draft_tokens: int) -> int:
     """The `schedule="heuristic"` draft length grows by 2 per fully accepted round, up to this."""
     return max(16, 2 * num_draft_tokens)
@@ -88,13 +92,17 @@ class Drafter(ABC):
     def __init__(self, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}.")
-        if schedule not in ("constant", "heuristic"):
-            raise ValueError(f"schedule must be 'constant' or 'heuristic', got {schedule!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
         if tree is not None and not isinstance(tree, TreeConfig):
             raise TypeError(f"tree must be a hf_specdec.TreeConfig, got {type(tree).__name__}.")
+        if tree is not None and schedule == "auto":
+            raise ValueError("schedule='auto' chooses a chain's draft length; use it without `tree=`.")
         self.num_draft_tokens = num_draft_tokens
         self.schedule = schedule
         self.tree = tree
+        # the cost model and acceptance of schedule="auto" live as long as the drafter (see schedule.py)
+        self.auto = AutoSchedule(num_draft_tokens) if schedule == "auto" else None
         self.last_stats: SpecStats | None = None
         self._row_draft_tokens: torch.Tensor | None = None
 
@@ -102,6 +110,7 @@ class Drafter(ABC):
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
         """Called once per generate() after the target's prefill. Validate, build per-call state."""
         self.draft_length = num_draft_tokens or self.num_draft_tokens
+        self.round_length = self.draft_length  # this round's length for every row (constant and auto schedules)
         self._row_draft_tokens = torch.full((state.sequences.shape[0],), self.draft_length, dtype=torch.long)
 
     def max_round_nodes(self, num_draft_tokens: int | None = None) -> int:
@@ -123,6 +132,11 @@ class Drafter(ABC):
             grown = (lengths + 2).clamp(max=heuristic_cap(self.draft_length))
             self._row_draft_tokens = torch.where(full, grown, (lengths - 1).clamp(min=1))
 
+    def set_draft_length(self, length: int) -> None:
+        """Every row drafts `length` tokens next round (0: no drafting at all); used by schedule="auto"."""
+        self.round_length = length
+        self._row_draft_tokens.fill_(length)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         self._row_draft_tokens = self._row_draft_tokens[rows.cpu()]
 
@@ -130,6 +144,10 @@ class Drafter(ABC):
         """Release per-call state (caches) once generate() returns."""
 
     # -- helpers --------------------------------------------------------------------------------------------
+    def chain_steps(self) -> int:
+        """The longest draft of this round, known on the host (the heuristic schedule reads its row lengths)."""
+        return int(self._row_draft_tokens.max()) if self.schedule == "heuristic" else self.round_length
+
     def chain_lengths(self, state: DecodingState) -> torch.Tensor:
         """Per-row draft length this round: the schedule's length capped by the row's remaining budget."""
         return torch.minimum(self._row_draft_tokens.to(state.budget.device), state.budget).clamp(min=0)

@@ -20,7 +20,8 @@ class ModelDrafter(Drafter):
         model: a `PreTrainedModel` with a causal LM head and the target's tokenizer (a padded vocabulary of a
             different size is fine: drafting uses the shared part).
         num_draft_tokens: tokens drafted per round for chains (overridden by `generate(num_assistant_tokens=...)`).
-        schedule: "constant", or "heuristic" (per row: +2 after a fully accepted draft, -1 otherwise).
+        schedule: "constant"; "heuristic" (per row: +2 after a fully accepted draft, -1 otherwise); or "auto" (the
+            draft length, 0 included, that maximises measured tokens per second: see `hf_specdec.schedule`).
         tree: a `TreeConfig` to draft EAGLE-2-style dynamic trees instead of chains.
 
     The draft applies the generation's own logits processors with each position's true prefix and samples (or
@@ -54,6 +55,7 @@ class ModelDrafter(Drafter):
         prompt = state.prompt_length
         self._prefill(state.sequences[:, :prompt], state.token_mask[:, :prompt])
         self.fed = torch.full((batch_size,), prompt, dtype=torch.long, device=state.lengths.device)
+        self.rounds_behind = 0  # rounds without drafting (schedule="auto" chose 0): each adds a pending token
         self.forward_count = 0
 
     def _round_capacity(self) -> int:
@@ -87,21 +89,25 @@ class ModelDrafter(Drafter):
         return self._propose_chain(state)
 
     def _pending_committed(self, state: DecodingState):
-        """The committed tokens the drafter has not seen yet, right-aligned in PENDING_WIDTH columns: [B, W] + mask.
-        At most two are pending: the round's bonus token, and the last accepted draft token when it was a leaf
-        (never fed to the drafter)."""
+        """The committed tokens the drafter has not seen yet, right-aligned: [B, W] + mask, W a multiple of
+        PENDING_WIDTH. After a drafted round at most two are pending (the bonus token, and the last accepted draft
+        token when it was a leaf, never fed); every round without drafting adds one."""
+        width = PENDING_WIDTH * (1 + -(-self.rounds_behind // PENDING_WIDTH))
+        self.rounds_behind = 0
         pending = state.lengths - self.fed
-        steps = torch.arange(PENDING_WIDTH, device=pending.device)
-        columns = state.lengths[:, None] - PENDING_WIDTH + steps
+        steps = torch.arange(width, device=pending.device)
+        columns = state.lengths[:, None] - width + steps
         tokens = state.sequences.gather(1, columns.clamp(min=0))
-        valid = steps[None, :] >= (PENDING_WIDTH - pending)[:, None]
+        valid = steps[None, :] >= (width - pending)[:, None]
         self.fed = state.lengths.clone()
         return tokens, valid
 
     def _root_scores(self, state: DecodingState) -> torch.Tensor:
         """Feed the unseen committed tokens; processed draft scores [B, V] for the root's children."""
         tokens, valid = self._pending_committed(state)
-        logits = self._forward_committed(tokens, valid).logits[:, -1]
+        for start in range(0, tokens.shape[1], PENDING_WIDTH):  # fixed-width forwards (one shape when captured)
+            columns = slice(start, start + PENDING_WIDTH)
+            logits = self._forward_committed(tokens[:, columns], valid[:, columns]).logits[:, -1]
         return self._process(logits[:, None], state, state.root_prefixes())[:, 0]
 
     def _node_scores(self, tokens, node_ids, depths, ancestors, state, prefixes) -> torch.Tensor:
@@ -112,8 +118,11 @@ class ModelDrafter(Drafter):
 
     def _propose_chain(self, state: DecodingState) -> Draft:
         lengths = self.chain_lengths(state)
-        steps = int(self._row_draft_tokens.max())  # the schedule's lengths live on the host: no device read
+        steps = self.chain_steps()
         batch_size = state.sequences.shape[0]
+        if steps == 0:  # schedule="auto" found that drafting does not pay now
+            self.rounds_behind += 1
+            return Draft.empty(batch_size, state.sequences.device)
         scores = self._root_scores(state)
         tokens, probs = [], []
         ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
