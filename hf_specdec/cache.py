@@ -30,6 +30,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import cache_argument
 
+CAPACITY_BUCKET = 256  # captured forwards: capacities round up to this, so prompts of other lengths reuse graphs
+
+
+def slot_capacity(needed: int, compiled: bool) -> int:
+    """Slots to preallocate: exactly what is needed, or (compiled) the next multiple of CAPACITY_BUCKET."""
+    return -(-needed // CAPACITY_BUCKET) * CAPACITY_BUCKET if compiled else needed
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's preallocated keys and values; `SlotKVCache.update` writes them by slot."""
 

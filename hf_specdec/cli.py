@@ -91,11 +91,25 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     what.add_argument("--seed", type=int, help="seed of the synthetic pair and of sampling [0]")
     what.add_argument("--threads", type=int, help="torch intra-op threads [torch's default: one per core]")
     what.add_argument("--quick", action="store_true", help="tiny pair and sizes: a smoke test in seconds")
+    what.add_argument("--full", action="store_true",
+                      help="the full suite: every experiment, 2 prompts per category, greedy and sampling (~1 h on "
+                           "2 CPU cores; without it: the headline rows, ~5 min)")
+    what.add_argument("--pair-shape", choices=("default", "overhead"),
+                      help="synthetic pair: 'default' (206M target, compute-bound on a CPU) or 'overhead' (3-layer "
+                           "width-64 target: a forward costs about as much as the loop around it) [default]")
     out = bench.add_argument_group("output")
     out.add_argument("--out", type=Path, help="write report.json, report.md and PNG plots into this directory")
     out.add_argument("--json", type=Path, help="also write the full report as JSON to this path")
     out.add_argument("--markdown", action="store_true", help="print Markdown tables")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _pair_shape(name: str | None) -> dict | None:
+    if name is None:
+        return None
+    from .testing import PAIR_SHAPES
+
+    return dict(PAIR_SHAPES[name])
 
 
 def suite_config_from_args(args: argparse.Namespace):
@@ -106,9 +120,9 @@ def suite_config_from_args(args: argparse.Namespace):
         drafters = {"draft": args.draft, **drafters}
     experiments = _flatten(args.experiments)
     if args.sorted_exits and experiments is None:
-        from .bench import DEFAULT_EXPERIMENTS
+        from .bench import FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS
 
-        experiments = (*DEFAULT_EXPERIMENTS, "sorted")
+        experiments = (*(FULL_EXPERIMENTS if args.full else HEADLINE_EXPERIMENTS), "sorted")
     given = dict(
         target=args.target, drafters=drafters or None, lab=args.lab, agreements=_flatten(args.agreement),
         dtype=args.dtype, device=args.device, prompts=tuple(args.prompts) if args.prompts else None,
@@ -118,9 +132,12 @@ def suite_config_from_args(args: argparse.Namespace):
         draft_lengths=_flatten(args.draft_lengths), batch_sizes=_flatten(args.batch_sizes), tree=args.tree,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         threads=args.threads, sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,
+        pair_shape=_pair_shape(args.pair_shape),
     )
     given = {name: value for name, value in given.items() if value is not None}
-    return SuiteConfig.quick(**given) if args.quick else SuiteConfig(**given)
+    if args.quick:
+        return SuiteConfig.quick(**given)
+    return SuiteConfig.full(**given) if args.full else SuiteConfig(**given)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:

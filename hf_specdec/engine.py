@@ -20,7 +20,7 @@ import torch
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import SlotCache
+from .cache import SlotCache, slot_capacity
 from .compat import hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
@@ -125,8 +125,9 @@ class _Run:
         self.round_nodes = self.drafter.max_round_nodes(num_draft_tokens)
         self.histogram = torch.zeros(self.round_nodes + 2, dtype=torch.long, device=self.device)
         compiled = None if self.compile_config is None else self.model.get_compiled_call(self.compile_config)
-        self.target = SlotCache(self.model, len(self.active), self.width + self.round_nodes + 2, self.model.device,
-                                compiled_call=compiled, max_round_nodes=self.round_nodes + 1)
+        capacity = slot_capacity(self.width + self.round_nodes + 2, compiled is not None)
+        self.target = SlotCache(self.model, len(self.active), capacity, self.model.device, compiled_call=compiled,
+                                max_round_nodes=self.round_nodes + 1)
         self._prefill()
         self.drafter.start(self.model, self._state(), num_draft_tokens=num_draft_tokens)
         try:

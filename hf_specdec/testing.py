@@ -123,6 +123,13 @@ DEFAULT_PAIR_SHAPE = dict(
     hidden_size=1024, num_layers=16, draft_layers=1, vocab_size=8192, intermediate_size=2816, num_heads=16,
     num_kv_heads=8,
 )
+# Synthetic pairs by name: the default (compute-bound on a CPU) and one where a forward costs about as much as the
+# loop around it (a 3-layer width-64 target and its first layer), the regime of a GPU at batch 1.
+PAIR_SHAPES = {
+    "default": DEFAULT_PAIR_SHAPE,
+    "overhead": dict(hidden_size=64, num_layers=3, draft_layers=1, vocab_size=1024, intermediate_size=128,
+                     num_heads=4, num_kv_heads=2),
+}
 # Random init gives near-uniform logits (std ~0.5) and a residual stream that forgets the current token. Large
 # embeddings keep the current token in the stream (greedy text is not one repeated token) and a large LM head
 # gives peaked next-token distributions (top-1 typically 0.3-0.9), so sampling acceptance means something.

@@ -26,7 +26,8 @@ def private_scale_cache(tmp_path, monkeypatch):
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     exit_code = main(["bench", "--quick", "--prompts", "code", "rag", "--max-new-tokens", "8", "--no-progress",
-                      "--experiments", "plain,assisted,chain,tree,ngram,gamma-sweep,batch-sweep,sorted",
+                      "--decoding", "greedy", "sample",
+                      "--experiments", "plain,assisted,chain,auto,tree,ngram,gamma-sweep,batch-sweep,sorted",
                       "--sorted-exits", "1,4", "--draft-lengths", "1,2", "--batch-sizes", "1,2", "--out", str(out)])
     assert exit_code == 0
     return json.loads((out / "report.json").read_text()), out
@@ -41,7 +42,8 @@ def test_suite_rows_cover_every_experiment_and_greedy_rows_equal_plain(quick_rep
         assert {("plain", 1, decoding), ("assisted[draft]", 1, decoding), ("chain[draft]", 1, decoding),
                 ("tree[draft]", 1, decoding), ("ngram", 1, decoding), ("gamma-sweep[draft] γ=1", 1, decoding),
                 ("gamma-sweep[draft] γ=2", 1, decoding), ("sorted exit 1", 1, decoding),
-                ("sorted adaptive [1, 4]", 1, decoding), ("sorted tree adaptive [1, 4]", 1, decoding)} <= names
+                ("sorted adaptive [1, 4]", 1, decoding), ("sorted tree adaptive [1, 4]", 1, decoding),
+                ("auto[draft]", 1, decoding)} <= names
     assert {("plain", 2, "greedy"), ("chain[draft]", 2, "greedy")} <= names
     for row in pair["rows"]:
         overall = row["overall"]
@@ -52,8 +54,16 @@ def test_suite_rows_cover_every_experiment_and_greedy_rows_equal_plain(quick_rep
             assert overall["equal_to_plain"] is None
         if row["experiment"] == "plain":
             assert overall["speedup"] == pytest.approx(1.0) and overall["mean_accepted_length"] is None
-        else:
+        elif row["experiment"] != "auto":  # auto may hand the call to plain decoding (no rounds)
             assert overall["mean_accepted_length"] >= 1.0 and overall["rounds"] > 0, row["name"]
+        if row["experiment"] not in ("plain",):  # the spread of the speed-up over the repeats, and whether it
+            low, high = overall["speedup_spread"]  # includes 1.0 (then the table marks it '~')
+            assert low <= overall["speedup"] <= high or low == high
+            assert overall["speedup_uncertain"] == (low <= 1.0 <= high)
+        if row["experiment"] in ("chain", "auto") and row["batch_size"] == 1:
+            assert row["versus_assisted"]["wall_ratio"] > 0
+        if row["experiment"] == "chain":
+            assert overall["ops_per_round"] > 0 and overall["syncs_per_round"] >= 0
 
 
 def test_suite_per_category_numbers_add_up_to_overall(quick_report):
@@ -237,7 +247,10 @@ def test_greedy_divergences_are_diagnosed_as_ties_or_real_differences():
         return dict(name="chain", experiment="chain", batch_size=1, decoding="greedy",
                     overall={**overall, "equal_to_plain": False}, greedy_mismatches=mismatches)
 
-    assert main_row(row([tie]))[9] == "tie ×1" and main_row(row([tie, real]))[9] == "NO"
+    from hf_specdec.bench.report import MAIN_COLUMNS
+
+    equal = MAIN_COLUMNS.index("=greedy")
+    assert main_row(row([tie]))[equal] == "tie ×1" and main_row(row([tie, real]))[equal] == "NO"
 
 
 def test_out_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
@@ -247,3 +260,16 @@ def test_out_without_matplotlib_fails_before_running(monkeypatch, tmp_path, caps
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
     assert main(["bench", "--quick", "--out", str(tmp_path / "suite"), "--no-progress"]) == 2
     assert "hf-specdec[bench]" in capsys.readouterr().err and not (tmp_path / "suite").exists()
+
+
+def test_compiled_rows_warm_up_every_shape_and_stay_lossless(tmp_path):
+    """plain-compiled (transformers' static cache + compile) and compiled (ours) rows: captured once in the
+    warm-up, equal to plain greedy, in one interleaved run."""
+    exit_code = main(["bench", "--quick", "--prompts", "code", "--max-new-tokens", "8", "--no-progress",
+                      "--decoding", "greedy", "--experiments", "plain,plain-compiled,compiled",
+                      "--json", str(tmp_path / "report.json")])
+    assert exit_code == 0
+    (pair,) = json.loads((tmp_path / "report.json").read_text())["pairs"]
+    rows = {row["experiment"]: row["overall"] for row in pair["rows"]}
+    assert set(rows) == {"plain", "plain-compiled", "compiled"}
+    assert rows["compiled"]["equal_to_plain"] is True and rows["plain-compiled"]["equal_to_plain"] is True

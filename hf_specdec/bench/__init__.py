@@ -9,7 +9,7 @@ the speed-up formula (`measure.py`), the run (`suite.py`), tables (`report.py`) 
 Performance is measured here, never asserted: see docs/benchmark.md.
 """
 
-from .experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+from .experiments import EXPERIMENTS, FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS
 from .measure import expected_tokens_per_round, measure_step_costs, per_token_acceptance, theoretical_speedup
 from .plots import write_plots
 from .prompts import BUILTIN_CATEGORIES, load_prompts
@@ -18,8 +18,9 @@ from .suite import SuiteConfig, run_suite
 
 __all__ = [
     "BUILTIN_CATEGORIES",
-    "DEFAULT_EXPERIMENTS",
     "EXPERIMENTS",
+    "FULL_EXPERIMENTS",
+    "HEADLINE_EXPERIMENTS",
     "SuiteConfig",
     "expected_tokens_per_round",
     "format_suite_report",

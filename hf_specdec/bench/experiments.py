@@ -1,8 +1,11 @@
 """Experiments by name: each expands into methods (rows of the report) for one pair.
 
     plain        target.generate, the baseline of every speed-up (one row per decoding and batch size used)
+    plain-compiled  target.generate with transformers' static cache and torch.compile (compile_config)
     assisted     transformers' own assisted generation with the first plain-model drafter (batch 1)
     chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1)
+    compiled     the first drafter's chains with captured forwards (compile_config; batch 1)
+    auto         the first drafter with schedule="auto" (draft length from measured costs; batch 1)
     ngram        prompt-lookup drafting (batch 1)
     gamma-sweep  the first drafter's chains at each of `draft_lengths` (batch 1, τ vs γ)
     batch-sweep  plain and the first drafter's chains at each of `batch_sizes` (greedy; throughput vs batch)
@@ -16,12 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import CompileConfig
 
 from ..drafters import NGramDrafter, SortedDrafter
 from .pairs import Pair
 
-EXPERIMENTS = ("plain", "assisted", "chain", "tree", "ngram", "gamma-sweep", "batch-sweep", "sorted")
-DEFAULT_EXPERIMENTS = ("plain", "assisted", "chain", "tree", "ngram", "gamma-sweep", "batch-sweep")
+EXPERIMENTS = ("plain", "plain-compiled", "assisted", "chain", "compiled", "auto", "tree", "ngram", "gamma-sweep",
+               "batch-sweep", "sorted")
+# `hf-specdec bench` without flags: the headline rows, about 5 minutes on a 2-core CPU
+HEADLINE_EXPERIMENTS = ("plain", "assisted", "chain", "auto")
+# `--full`: every experiment but the sorted drafters (those need --sorted-exits)
+FULL_EXPERIMENTS = tuple(name for name in EXPERIMENTS if name != "sorted")
 
 
 @dataclass
@@ -38,6 +46,9 @@ class Method:
     label: str | None = None  # shown in tables; defaults to experiment[drafter]
     draft_model: torch.nn.Module | None = None  # a separate draft model: c is measurable, the formula applies
     meter_draft: bool = False  # transformers' assisted generation reports no stats: count forwards with hooks
+    # compiled and auto rows warm up on every batch (captured shapes; auto measures plain steps, then calibrates)
+    warmup_runs: int = 1
+    warmup_every_batch: bool = False
 
     @property
     def key(self) -> tuple:
@@ -72,11 +83,22 @@ def build_methods(config, pair: Pair) -> list[Method]:
 
         return run
 
-    def speculative(make_drafter, decoding):
+    def speculative(make_drafter, decoding, **options):
         def run(batch, max_new_tokens):
             out = target.generate(**batch, assistant_model=make_drafter(), max_new_tokens=max_new_tokens,
-                                  return_dict_in_generate=True, **sampling_kwargs(decoding))
+                                  return_dict_in_generate=True, time_phases=True, **sampling_kwargs(decoding),
+                                  **options)
             return out.sequences, out.spec_stats
+
+        return run
+
+    def plain_compiled(decoding):
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked this way
+
+        def run(batch, max_new_tokens):
+            return target.generate(**batch, max_new_tokens=max_new_tokens, cache_implementation="static",
+                                   compile_config=compile_config, **sampling_kwargs(decoding)), None
 
         return run
 
@@ -104,6 +126,8 @@ def build_methods(config, pair: Pair) -> list[Method]:
     plain_models = [spec for spec in pair.drafters if spec.kind == "model"]
     for decoding in config.decodings:
         methods.append(Method("plain", decoding, plain(decoding)))
+        if "plain-compiled" in wanted:
+            methods.append(Method("plain-compiled", decoding, plain_compiled(decoding), warmup_every_batch=True))
         if "assisted" in wanted and plain_models:
             methods.append(Method("assisted", decoding, assisted(plain_models[0].model, decoding),
                                   drafter=plain_models[0].name, num_draft_tokens=gamma,
@@ -111,6 +135,15 @@ def build_methods(config, pair: Pair) -> list[Method]:
         for spec in pair.drafters:
             if "chain" in wanted:
                 methods.append(drafter_method("chain", spec, decoding))
+            if "compiled" in wanted and spec is primary:
+                method = drafter_method("compiled", spec, decoding)
+                method.generate = speculative(lambda: spec.make(gamma, None), decoding, compile_config=CompileConfig())
+                method.warmup_every_batch = True
+                methods.append(method)
+            if "auto" in wanted and spec is primary:
+                auto = spec.make(gamma, None, schedule="auto")  # one drafter: its cost model outlives a call
+                methods.append(Method("auto", decoding, speculative(lambda: auto, decoding), drafter=spec.name,
+                                      num_draft_tokens=gamma, warmup_runs=3, warmup_every_batch=True))
             if "tree" in wanted:
                 methods.append(drafter_method("tree", spec, decoding, tree_config=tree))
         if "ngram" in wanted:

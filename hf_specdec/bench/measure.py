@@ -12,6 +12,7 @@ from typing_extensions import Self
 
 from .. import testing
 from ..compat import cache_argument
+from ..schedule import expected_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,10 +91,7 @@ def measure_step_costs(target, draft, num_verify_tokens: int, context_length: in
                 verify_seconds=verify, verify_cost_ratio=verify / target_step)
 
 
-def expected_tokens_per_round(acceptance_rate: float, num_draft_tokens: int) -> float:
-    """E[τ] = (1 − α^(γ+1)) / (1 − α) for i.i.d. per-token acceptance α (Leviathan et al. 2023)."""
-    alpha, gamma = acceptance_rate, num_draft_tokens
-    return gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+expected_tokens_per_round = expected_tokens  # E[τ] for i.i.d. per-token acceptance α (one formula: schedule.py)
 
 
 def theoretical_speedup(acceptance_rate: float, num_draft_tokens: int, cost_ratio: float,
@@ -146,3 +144,40 @@ def percentile(values: list[float], fraction: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ops that make the host wait for the device (on a CPU they are cheap, but they still count)
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+            "aten::unique_consecutive", "aten::masked_select", "aten::item")
+
+
+def round_profile(generate) -> tuple[dict, object]:
+    """Run `generate()` (one speculative generate call) under torch.profiler with the engine's phases marked;
+    returns ({phase: (cpu_ms, top-level aten ops, host-synchronising ops)} over the whole call, its output)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..stats import PHASES, profiled_phases
+
+    with profiled_phases(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = generate()
+    milliseconds, ops, syncs = collections.Counter(), collections.Counter(), collections.Counter()
+    names = {f"spec::{name}" for name in (*PHASES, "draft_forward")}
+    for event in prof.events():
+        if event.name in names:
+            if event.name != "spec::draft_forward":
+                milliseconds[event.name[6:]] += event.cpu_time_total / 1e3
+            continue
+        if not event.name.startswith("aten::"):
+            continue
+        phase, parent = "other", event.cpu_parent
+        while parent is not None:
+            if parent.name in names and parent.name != "spec::draft_forward":
+                phase = parent.name[6:]
+                break
+            parent = parent.cpu_parent
+        ops[phase] += event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")
+        syncs[phase] += event.name in SYNC_OPS
+    phases = {phase: (milliseconds[phase], ops[phase], syncs[phase]) for phase in [*PHASES, "other"]}
+    return phases, out

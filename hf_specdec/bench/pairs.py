@@ -27,10 +27,11 @@ class DrafterSpec:
     model: torch.nn.Module
     path: str | None = None
 
-    def make(self, num_draft_tokens: int, tree: TreeConfig | None = None):
+    def make(self, num_draft_tokens: int, tree: TreeConfig | None = None, schedule: str = "constant"):
         if self.path is None:  # an in-memory draft model (the synthetic pair's)
-            return ModelDrafter(self.model, num_draft_tokens=num_draft_tokens, tree=tree)
-        return load_drafter(self.path, num_draft_tokens=num_draft_tokens, tree=tree, model=self.model)
+            return ModelDrafter(self.model, num_draft_tokens=num_draft_tokens, tree=tree, schedule=schedule)
+        return load_drafter(self.path, num_draft_tokens=num_draft_tokens, tree=tree, model=self.model,
+                            schedule=schedule)
 
 
 @dataclass

@@ -5,8 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-MAIN_COLUMNS = ("method", "batch", "decoding", "tok/s", "speedup", "α", "τ", "p50 s", "p95 s", "=greedy", "loop eff",
-                "theory", "w/ verify")
+MAIN_COLUMNS = ("method", "batch", "decoding", "tok/s", "speedup", "spread", "÷ assisted", "α", "τ", "p50 s", "p95 s",
+                "=greedy", "loop eff", "ops/round", "syncs/round", "theory", "w/ verify")
+
+
+def _speedup_cell(value, uncertain) -> str:
+    """A speed-up whose spread over the repeats includes the value it is compared with is marked '~'."""
+    return "-" if value is None else f"{'~' if uncertain else ''}{value:.2f}x"
+
+
+def _spread_cell(spread) -> str:
+    return "-" if not spread else f"{spread[0]:.2f}-{spread[1]:.2f}"
 
 
 def _number(value, pattern: str) -> str:
@@ -29,11 +38,15 @@ def _equal_cell(row: dict) -> str:
 
 def main_row(row: dict) -> tuple[str, ...]:
     stats = row["overall"]
+    versus = row.get("versus_assisted") or {}
     return (
         row["name"], str(row["batch_size"]), row["decoding"], _number(stats["tokens_per_second"], "{:.1f}"),
-        _number(stats["speedup"], "{:.2f}x"), _number(stats["acceptance_rate"], "{:.2f}"),
+        _speedup_cell(stats["speedup"], stats.get("speedup_uncertain")), _spread_cell(stats.get("speedup_spread")),
+        _speedup_cell(versus.get("wall_ratio"), versus.get("uncertain")).rstrip("x"),
+        _number(stats["acceptance_rate"], "{:.2f}"),
         _number(stats["mean_accepted_length"], "{:.2f}"), _number(stats["latency_p50"], "{:.2f}"),
         _number(stats["latency_p95"], "{:.2f}"), _equal_cell(row), _number(stats["loop_efficiency"], "{:.2f}"),
+        _number(stats.get("ops_per_round"), "{:.0f}"), _number(stats.get("syncs_per_round"), "{:.1f}"),
         _number(stats["theoretical_speedup"], "{:.2f}x"), _number(stats["theoretical_speedup_with_verify_cost"],
                                                                    "{:.2f}x"),
     )

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from .. import testing
 from ..drafters import TreeConfig, lab_checkpoints
 from ..stats import add_counts
-from .experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS, Method, build_methods
+from .experiments import EXPERIMENTS, FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS, Method, build_methods
 from .measure import (
     DTYPES,
     ForwardMeter,
@@ -28,6 +28,7 @@ from .measure import (
     measure_step_costs,
     per_token_acceptance,
     percentile,
+    round_profile,
     synchronize,
     theoretical_speedup,
 )
@@ -40,17 +41,18 @@ QUICK_PAIR = dict(hidden_size=64, num_layers=4, draft_layers=1, vocab_size=512, 
 
 @dataclass
 class SuiteConfig:
-    """What to run. Defaults: the synthetic ~206M pair at agreement 0.9, 2 prompts of each built-in category.
-    `quick()` gives a tiny pair and sizes for smoke tests."""
+    """What to run. Defaults: the headline rows (plain, transformers' assisted, our chain and `auto`, greedy) on the
+    synthetic ~206M pair at agreement 0.9, one prompt of each built-in category (about 5 minutes on 2 CPU cores).
+    `full()` runs every experiment on 2 prompts per category, greedy and sampling; `quick()` a tiny smoke test."""
 
     target: str | None = None  # Hub name or local dir; None = the synthetic pair (or the lab's, with `lab`)
     drafters: dict[str, str] = field(default_factory=dict)  # name -> Hub name / local dir
     lab: str | None = None  # a recipes/lab.py output dir: its target and every drafter it trained
     prompts: tuple[str, ...] = BUILTIN_CATEGORIES  # built-in category names and/or JSONL paths
-    prompts_per_category: int | None = 2
+    prompts_per_category: int | None = 1
     max_prompt_tokens: int = 512  # prompts keep their last this-many tokens
-    experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS
-    decodings: tuple[str, ...] = ("greedy", "sample")
+    experiments: tuple[str, ...] = HEADLINE_EXPERIMENTS
+    decodings: tuple[str, ...] = ("greedy",)
     temperature: float = 1.0
     agreements: tuple[float, ...] = (0.9,)  # synthetic pair only
     dtype: str = "float32"
@@ -61,13 +63,18 @@ class SuiteConfig:
     tree: tuple[int, int, int] = (5, 4, 24)  # depth, top_k, max_nodes
     ngram_size: int = 3
     max_new_tokens: int = 32
-    repeats: int = 2
+    repeats: int = 3
     warmup: int = 1
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
     sorted_exits: tuple[int, ...] = ()
     sorted_thresholds: tuple[float, ...] = ()
     pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
+
+    @classmethod
+    def full(cls, **overrides) -> SuiteConfig:
+        everything = dict(prompts_per_category=2, experiments=FULL_EXPERIMENTS, decodings=("greedy", "sample"))
+        return cls(**{**everything, **overrides})
 
     @classmethod
     def quick(cls, **overrides) -> SuiteConfig:
@@ -161,20 +168,29 @@ def bench_pair(config: SuiteConfig, pair: Pair, prompts: list[Prompt], show_prog
     eos = _eos_ids(pair.target)
     progress = tqdm(total=len(methods) * (config.warmup + config.repeats), desc=f"bench {_pair_name(pair)}",
                     unit="run", disable=not show_progress)
-    for _ in range(config.warmup):  # allocator, kernels, lazy inits
+    for _ in range(config.warmup):  # allocator, kernels, lazy inits; captured graphs; auto's measurements
         for method in methods:
             progress.set_postfix_str(f"warm-up {method.name} bs={method.batch_size}")
-            method.generate(batches[method.batch_size][0], min(8, config.max_new_tokens))
+            warm = batches[method.batch_size] if method.warmup_every_batch else batches[method.batch_size][:1]
+            for _ in range(method.warmup_runs):
+                for batch in warm:
+                    method.generate(batch, config.max_new_tokens if method.warmup_every_batch else
+                                    min(8, config.max_new_tokens))
             progress.update()
     runs: dict[tuple, list[list[BatchRun]]] = {method.key: [] for method in methods}
-    for _ in range(config.repeats):
-        for method in methods:
+    for repeat in range(config.repeats):
+        # every method once per repeat, in an order rotated by one each repeat: load drift hits all alike
+        shift = repeat % len(methods)
+        for method in methods[shift:] + methods[:shift]:
             progress.set_postfix_str(f"{method.name} {method.decoding} bs={method.batch_size}")
             runs[method.key].append(time_method(method, batches[method.batch_size], config, pair, eos))
             progress.update()
     progress.close()
     costs = _step_costs(methods, pair.target)
     rows = [summarize_method(method, methods, runs, prompts, costs) for method in methods]
+    for method, row in zip(methods, rows):
+        if method.experiment in SPECULATIVE_ENGINE_ROWS:  # one extra, untimed run under the profiler
+            row["overall"].update(round_costs(method, batches[method.batch_size][0], config.max_new_tokens))
     for method, row in zip(methods, rows):
         if row["overall"]["equal_to_plain"] is False:
             row["greedy_mismatches"] = diagnose_mismatches(method, methods, runs, batches, pair.target)
@@ -247,15 +263,48 @@ def summarize_method(method: Method, methods: list[Method], runs: dict, prompts:
             groups[category] = [i for i, prompt in enumerate(prompts) if prompt.category == category]
     cost = costs.get((id(method.draft_model), method.num_draft_tokens)) if method.has_formula else None
     stats = {name: _group_stats(method, mine, baseline, list(indices), cost) for name, indices in groups.items()}
+    assisted = _assisted_for(method, methods)
+    versus = _wall_ratio(mine, runs[assisted.key]) if assisted is not None and method.experiment in \
+        SPECULATIVE_ENGINE_ROWS else None
     first = mine[0]
     row = dict(experiment=method.experiment, name=method.name, drafter=method.drafter, batch_size=method.batch_size,
                decoding=method.decoding, num_draft_tokens=method.num_draft_tokens,
                tree=None if method.tree is None else list(method.tree), overall=stats.pop("overall"),
-               categories=stats, accepted_length_counts=functools.reduce(add_counts, (run.accepted_length_counts for run in first), []))
+               categories=stats, versus_assisted=versus,
+               accepted_length_counts=functools.reduce(add_counts, (run.accepted_length_counts for run in first), []))
     exits = _sum_dicts(run.exit_counts for run in first)
     if exits:
         row["exit_counts"] = {str(layer): count for layer, count in sorted(exits.items())}
     return row
+
+
+# rows of hf_specdec's engine that are compared with transformers' assisted generation and profiled per round
+SPECULATIVE_ENGINE_ROWS = ("chain", "compiled", "auto")
+
+
+def _assisted_for(method: Method, methods: list[Method]) -> Method | None:
+    for other in methods:
+        if other.experiment == "assisted" and (other.decoding, other.batch_size) == (method.decoding, method.batch_size):
+            return other
+    return None
+
+
+def _wall_ratio(mine: list[list[BatchRun]], theirs: list[list[BatchRun]]) -> dict:
+    """Our wall time ÷ theirs over all batches, per repeat (both ran in the same repeat, next to each other)."""
+    ratios = [sum(run.wall_seconds for run in a) / sum(run.wall_seconds for run in b) for a, b in zip(mine, theirs)]
+    return dict(wall_ratio=statistics.median(ratios), spread=[min(ratios), max(ratios)],
+                uncertain=min(ratios) <= 1.0 <= max(ratios))
+
+
+def round_costs(method: Method, batch: dict, max_new_tokens: int) -> dict:
+    """Aten ops and host-synchronising ops per round (prefill excluded), from one profiled run."""
+    phases, (_, stats) = round_profile(lambda: method.generate(batch, max_new_tokens))
+    rounds = int(stats.rounds.max()) if stats is not None else 0
+    if not rounds:  # auto handed the call to plain decoding
+        return dict(ops_per_round=None, syncs_per_round=None)
+    in_rounds = [values for phase, values in phases.items() if phase != "prefill"]
+    return dict(ops_per_round=sum(v[1] for v in in_rounds) / rounds,
+                syncs_per_round=sum(v[2] for v in in_rounds) / rounds)
 
 
 def _plain_for(method: Method, methods: list[Method]) -> Method | None:
@@ -270,15 +319,21 @@ def _group_stats(method: Method, mine: list[list[BatchRun]], baseline, indices: 
     first = [mine[0][i] for i in indices]
     tokens = sum(run.new_tokens for run in first)
     tokens_per_second = tokens / sum(walls)
-    speedup = None
+    speedup, spread = None, None
     if baseline is not None:
         plain_walls = [statistics.median(repeat[i].wall_seconds for repeat in baseline) for i in indices]
-        speedup = tokens_per_second / (sum(baseline[0][i].new_tokens for i in indices) / sum(plain_walls))
+        plain_tokens = sum(baseline[0][i].new_tokens for i in indices)
+        speedup = tokens_per_second / (plain_tokens / sum(plain_walls))
+        # per repeat, against the plain run of the same repeat
+        spread = [(tokens / sum(repeat[i].wall_seconds for i in indices))
+                  / (plain_tokens / sum(base[i].wall_seconds for i in indices)) for repeat, base in zip(mine, baseline)]
     drafted, accepted, rounds = (sum(getattr(run, name) for run in first) for name in ("drafted", "accepted", "rounds"))
     speculative = method.experiment != "plain"
     tau = (accepted + rounds) / rounds if speculative and rounds else None
     stats = dict(
         new_tokens=tokens, wall_seconds=sum(walls), tokens_per_second=tokens_per_second, speedup=speedup,
+        speedup_spread=[min(spread), max(spread)] if spread and method.experiment != "plain" else None,
+        speedup_uncertain=bool(spread) and method.experiment != "plain" and min(spread) <= 1.0 <= max(spread),
         acceptance_rate=accepted / drafted if speculative and drafted else None, mean_accepted_length=tau,
         drafted=drafted, accepted=accepted, rounds=rounds,
         latency_p50=percentile(walls, 0.5), latency_p95=percentile(walls, 0.95),

@@ -40,7 +40,7 @@ def lab_checkpoints(lab_dir: str | Path) -> tuple[str, dict[str, str]]:
 
 
 def load_drafter(name_or_path: str, *, num_draft_tokens: int = 5, tree: TreeConfig | None = None,
-                 model=None, **model_kwargs) -> Drafter:
+                 model=None, schedule: str = "constant", **model_kwargs) -> Drafter:
     """The drafter a checkpoint holds: `GuidedModelDrafter`, `SortedDrafter` (its saved exits and thresholds) or
     `ModelDrafter`. `model_kwargs` (dtype, ...) go to `from_pretrained`; pass an already loaded `model` to reuse
     its weights (a new drafter per call keeps no state between generate() calls)."""
@@ -53,6 +53,6 @@ def load_drafter(name_or_path: str, *, num_draft_tokens: int = 5, tree: TreeConf
         model = load_drafter_model(name_or_path, kind, **model_kwargs)
     if kind == "sorted":
         return SortedDrafter(model, model.config.sorted_exits, getattr(model.config, "sorted_exit_thresholds", None),
-                             num_draft_tokens=num_draft_tokens, tree=tree)
+                             num_draft_tokens=num_draft_tokens, tree=tree, schedule=schedule)
     drafter_class = GuidedModelDrafter if kind == "guided" else ModelDrafter
-    return drafter_class(model, num_draft_tokens=num_draft_tokens, tree=tree)
+    return drafter_class(model, num_draft_tokens=num_draft_tokens, tree=tree, schedule=schedule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import SlotCache
+from ..cache import SlotCache, slot_capacity
 from ..draft import Draft
 from ..processors import TreePrefixes, apply_processors
 from ..stats import PhaseClock
@@ -47,8 +47,9 @@ class ModelDrafter(Drafter):
         self.clock = state.clock or PhaseClock(self.device)
         batch_size = state.sequences.shape[0]
         self.round_capacity = self._round_capacity()
-        capacity = state.sequences.shape[1] + PENDING_WIDTH + self.round_capacity + 2
         compiled = None if state.compile_config is None else self.model.get_compiled_call(state.compile_config)
+        capacity = slot_capacity(state.sequences.shape[1] + PENDING_WIDTH + self.round_capacity + 2,
+                                 compiled is not None)
         self.cache = self._new_cache(batch_size, capacity, compiled)
         # The drafter sees the prompt now; the rest of the text (from the prefill's token on, the root) comes in
         # front of each round's draft.
