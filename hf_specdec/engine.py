@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import SlotCache, slot_capacity
-from .compat import hidden_states_request
+from .compat import cache_argument, hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
 from .options import check_generate_options
@@ -78,6 +79,7 @@ class _Run:
             raise ValueError("Streaming speculative decoding supports batch size 1 (rows advance by different "
                              "numbers of tokens each round); drop the streamer or generate one prompt at a time.")
         self.model, self.config, self.drafter, self.streamer = model, config, drafter, streamer
+        self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.processors = list(logits_processor or [])
         self.extra_criteria = [c for c in (stopping_criteria or [])
                                if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
@@ -202,6 +204,8 @@ class _Run:
     def _auto_round(self, rounds: int) -> None:
         """A round whose draft length schedule="auto" picks; while it calibrates, the round is timed."""
         length = self.auto.next_length()
+        if length == 0 and self._can_hand_off():
+            return self._hand_off_to_plain_decoding()
         self.drafter.set_draft_length(length)
         if not self.auto.calibrating:
             self._round()
@@ -216,6 +220,24 @@ class _Run:
             self.auto.observe_acceptance(accepted - self.seen_accepted[0], accepted + rejected - self.seen_accepted[1])
             self.seen_accepted = (accepted, accepted + rejected)
 
+    def _can_hand_off(self) -> bool:
+        """Plain decoding can take over from here for one running row without extra outputs to merge."""
+        return len(self.active) == 1 and not self.score_stores and not self.hidden_layers
+
+    def _hand_off_to_plain_decoding(self) -> None:
+        """Continue the one running row with transformers' own loop (auto found that drafting does not pay)."""
+        row = int(self.active[0])
+        length = int(self.lengths[row])
+        mask = self.token_mask[row: row + 1, :length].long()
+        model_kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                            **{cache_argument(self.model): DynamicCache()})
+        out = self.model._sample(self.sequences[row: row + 1, :length], logits_processor=self.logits_processor,
+                                 stopping_criteria=self.stopping_criteria, generation_config=self.config,
+                                 synced_gpus=False, streamer=_StepTimer(self.streamer), **model_kwargs)
+        generated = (out if isinstance(out, torch.Tensor) else out.sequences)[0, length:].to(self.device)
+        self._append(generated[None], torch.tensor([len(generated)], device=self.device), None)
+        self.finished[row] = True
+
     def plain_decoding(self, input_ids, logits_processor, stopping_criteria, model_kwargs):
         """transformers' own decoding loop (`GenerationMixin._sample`), for when drafting cannot pay; under
         schedule="auto" its steps are timed (median time between two streamed tokens, prefill excluded)."""
@@ -224,9 +246,10 @@ class _Run:
         steps = _StepTimer(self.streamer)
         start = time.perf_counter()
         out = self.model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                                 generation_config=self.config, synced_gpus=False,
-                                 streamer=steps if self.auto is not None else self.streamer, **model_kwargs)
+                                 generation_config=self.config, synced_gpus=False, streamer=steps, **model_kwargs)
         self.stats.wall_seconds = time.perf_counter() - start
+        if self.streamer is not None:
+            self.streamer.end()
         generated = (out if isinstance(out, torch.Tensor) else out.sequences)[:, self.prompt_length:]
         ends = torch.isin(generated, self.eos_tokens) if self.eos_tokens is not None else torch.zeros_like(generated,
                                                                                                          dtype=torch.bool)
@@ -317,13 +340,14 @@ class _Run:
             within = steps[None, :] < counts[:, None]
         columns = torch.where(within, lengths[:, None] + steps, self.width)  # the spare column takes the rest
         self.buffer[rows[:, None], columns] = tokens
-        self._record_scores(rows, lengths, within, *sources)
+        if sources is not None:
+            self._record_scores(rows, lengths, within, *sources)
         self.lengths[rows] = lengths + counts
-        if self.extra_criteria:
+        if self.extra_criteria and sources is not None:  # (plain decoding's tokens were checked by plain decoding)
             stopped, counts = self._apply_stopping_criteria(rows, lengths, counts)
             ended |= stopped
         self.finished[rows] |= ended | (self.lengths[rows] >= self.max_length)
-        if self.streamer is not None:
+        if self.streamer is not None and sources is not None:  # (plain decoding streamed its own tokens)
             accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
             self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
 
@@ -409,8 +433,7 @@ class _StepTimer:
             self.streamer.put(value)
 
     def end(self):
-        if self.streamer is not None:
-            self.streamer.end()
+        """The engine ends the user's streamer itself (plain decoding may take over mid-way)."""
 
     @property
     def step_seconds(self) -> float | None:

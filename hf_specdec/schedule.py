@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 CHECK_EVERY = 4  # rounds between reads of the acceptance counters (one host read each)
 EXPLORE_EVERY = 8  # while plain steps win, one round in this many drafts anyway, to keep measuring acceptance
+EXPLORE_CALLS = 4  # while plain decoding wins, one generate() call in this many speculates, to re-measure α
 SAMPLES = 2  # timed rounds per draft length while calibrating
 PRIOR_ACCEPTANCE = 0.7
 
@@ -68,6 +69,7 @@ class AutoSchedule:
         self.models: dict[tuple, CostModel] = {}
         self.alpha = PRIOR_ACCEPTANCE
         self.costs: CostModel | None = None
+        self.plain_calls = 0
 
     def start(self, key: tuple) -> None:
         """Begin a generate() call; `key` = (batch size, device type, compiled)."""
@@ -82,14 +84,22 @@ class AutoSchedule:
         return not self.costs.calibrated
 
     def wants_plain_decoding(self) -> bool:
-        """The whole call goes to plain decoding: to measure its speed (first call), or because drafting can
-        never pay here."""
-        return self.costs.plain_step is None or self.never_pays()
+        """The whole call goes to plain decoding: to measure its speed (first call), because drafting can never
+        pay here, or because it did not pay at the acceptance seen so far (one such call in EXPLORE_CALLS
+        speculates anyway, so that α stays current)."""
+        if self.costs.plain_step is None or self.never_pays():
+            return True
+        if self.calibrating or self.best_length(self.alpha) > 0:
+            return False
+        self.plain_calls += 1
+        return self.plain_calls % EXPLORE_CALLS != 0
 
     def observe_plain_step(self, seconds: float) -> None:
         self.costs.plain_step = seconds
 
     def next_length(self) -> int:
+        """This round's draft length; 0 means plain steps are faster (the engine then hands over to plain
+        decoding where it can, else drafts nothing and probes every EXPLORE_EVERY rounds)."""
         if self.calibrating:
             return self.costs.next_to_measure()
         best = self.best_length(self.alpha)

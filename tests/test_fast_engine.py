@@ -154,3 +154,33 @@ def test_a_steady_state_round_reads_the_device_once(pair, monkeypatch):
                         assistant_model=ModelDrafter(draft, num_draft_tokens=4))
     per_round = [later - earlier for earlier, later in zip(rounds[1:], rounds[2:])]
     assert per_round and max(per_round) <= 1, per_round
+
+
+def test_auto_hands_a_single_row_over_to_plain_decoding_mid_call(pair):
+    """Once plain steps win (here forced by a cost model where drafting never pays after calibration), a
+    one-row call continues in transformers' own loop: same tokens, streamed once, stats still add up."""
+
+    class Recorder:
+        def __init__(self):
+            self.tokens, self.ended = [], 0
+
+        def put(self, value):
+            self.tokens.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended += 1
+
+    target, draft = pair
+    drafter = ModelDrafter(draft, num_draft_tokens=4, schedule="auto")
+    prompt = left_padded_batch(96, [6], seed=9)
+    for _ in range(2):  # plain decoding (timed), then calibration
+        target.generate(**prompt, max_new_tokens=30, do_sample=False, assistant_model=drafter)
+    drafter.auto.alpha = 0.01  # acceptance so low that plain steps win from the first round on
+    drafter.auto.plain_calls = 3  # the next call is an exploring one: it starts speculating, then hands over
+    streamer = Recorder()
+    out = target.generate(**prompt, max_new_tokens=30, do_sample=False, assistant_model=drafter, streamer=streamer,
+                          return_dict_in_generate=True)
+    plain = target.generate(**prompt, max_new_tokens=30, do_sample=False)
+    assert torch.equal(out.sequences, plain)
+    assert [t for chunk in streamer.tokens[1:] for t in chunk] == plain[0, 6:].tolist() and streamer.ended == 1
+    assert int(out.spec_stats.new_tokens[0]) == 30 and int(out.spec_stats.rounds[0]) == 0  # handed over at once

@@ -147,8 +147,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 # ops that make the host wait for the device (on a CPU they are cheap, but they still count)
+# (`.item()`, `bool()`, `int()` all end in `_local_scalar_dense`, counted once)
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
-            "aten::unique_consecutive", "aten::masked_select", "aten::item")
+            "aten::unique_consecutive", "aten::masked_select")
 
 
 def round_profile(generate) -> tuple[dict, object]:
