@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import cache_argument
 
+ROW_STATE = ("committed_bias", "slot_positions", "kv_length", "next_position", "written")  # one entry per row
 CAPACITY_BUCKET = 256  # captured forwards: capacities round up to this, so prompts of other lengths reuse graphs
 
 
@@ -66,7 +67,7 @@ class SlotLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.capacity
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # required by CacheLayerMixin
         return self.capacity
 
 
@@ -138,6 +139,11 @@ class SlotCache:
     @property
     def batch_size(self) -> int:
         return self.kv_length.shape[0]
+
+    def tighten(self, text_length: int) -> None:
+        """Bound the slots eager forwards read by the longest row's text (read from the device by the engine). A
+        row that ended inside a round (EOS) may have committed up to one round's nodes past its text."""
+        self.host_length = min(self.host_length, text_length + self.max_round_nodes + 1)
 
     # ------------------------------------------------------------------ forwards
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int | None = None, **model_kwargs):
@@ -233,7 +239,7 @@ class SlotCache:
         for index in self._owned():
             layer, part = self.cache.layers[index], view.cache.layer(index)
             part.keys, part.values, part.is_initialized = layer.keys[rows], layer.values[rows], True
-        for name in ("committed_bias", "slot_positions", "kv_length", "next_position", "written"):
+        for name in ROW_STATE:
             setattr(view, name, getattr(self, name)[rows])
         view.host_length = self.host_length
         return view
@@ -306,7 +312,7 @@ class SlotCache:
         """Keep only the given batch rows (finished rows stop costing anything)."""
         rows = rows.to(self.device)
         self.cache.select_rows(rows, self._owned())
-        for name in ("committed_bias", "slot_positions", "kv_length", "next_position", "written"):
+        for name in ROW_STATE:
             setattr(self, name, getattr(self, name)[rows])
 
 

@@ -4,10 +4,12 @@
 generation config, prepared special tokens, the attention mask, logits processors (warpers included) and stopping
 criteria, and expanded the batch for `num_return_sequences`. We own everything after that.
 
-A steady-state round reads one number back from the device: how many rows are still running. Everything else —
-acceptance, EOS and length cuts, statistics — stays on the device with fixed shapes. Finished rows are masked in
-place and leave the caches in batches (when half of them are done). Streamers, user stopping criteria and
-input-reading logits processors need the host and add their own reads, only when they are used.
+A steady-state round reads from the device once: how many rows are still running (and the longest row's
+length, in the same read). Everything else — acceptance, EOS and length cuts, statistics — stays on the device
+with fixed shapes. Finished rows are masked in place and leave the caches in batches (when half of them are done;
+never under captured forwards, whose shapes must not change). Streamers, user stopping criteria, input-reading
+logits processors, the sorted drafter's exit gates and schedule="auto" (one read every 4 rounds) add their own
+reads, only when they are used.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def speculative_generate(
     """
     _validate(model, input_ids, generation_config, drafter, model_kwargs, logits_processor or [])
     run = _Run(model, input_ids, logits_processor, stopping_criteria, generation_config, drafter, stream_to,
-               model_kwargs.get("attention_mask"), time_phases)
+               model_kwargs.get("attention_mask"), time_phases, num_draft_tokens)
     if run.auto is not None and run.auto.wants_plain_decoding():
         # schedule="auto" first measures plain decoding here, and keeps to it where drafting cannot pay
         return run.plain_decoding(input_ids, logits_processor, stopping_criteria, model_kwargs)
@@ -74,7 +76,7 @@ class _Run:
     still hold (some of them may be finished: `finished` masks them until the next compaction)."""
 
     def __init__(self, model, input_ids, logits_processor, stopping_criteria, config, drafter, streamer, mask,
-                 time_phases):
+                 time_phases, num_draft_tokens):
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("Streaming speculative decoding supports batch size 1 (rows advance by different "
                              "numbers of tokens each round); drop the streamer or generate one prompt at a time.")
@@ -107,6 +109,7 @@ class _Run:
         self.compile_config = None if config.disable_compile else config.compile_config
         self.stats = SpecStats.empty(batch_size, self.device)
         self.seen_accepted = (0, 0)  # (accepted, decided) draft tokens at the last acceptance read (auto)
+        self.host_text_length = self.prompt_length + 1  # the longest row's length as last read from the device
         self.target_forwards = 0
         max_new = self.width - self.prompt_length
         self.score_stores = {name: torch.zeros(batch_size, max_new + 1, self.vocab_size, device=self.device)
@@ -114,7 +117,8 @@ class _Run:
                              if wanted and config.return_dict_in_generate}
         self.auto = drafter.auto
         if self.auto is not None:
-            self.auto.start((batch_size, model.device.type, self.compile_config is not None))
+            self.auto.start((batch_size, model.device.type, self.compile_config is not None),
+                            drafter.max_round_nodes(num_draft_tokens))
         # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
         self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
         self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
@@ -207,7 +211,8 @@ class _Run:
         if length == 0 and self._can_hand_off():
             return self._hand_off_to_plain_decoding()
         self.drafter.set_draft_length(length)
-        if not self.auto.calibrating:
+        # rounds are timed for the cost model only at the batch size it is kept for (not after a compaction)
+        if not self.auto.calibrating or len(self.active) != len(self.sequences):
             self._round()
         else:
             self.clock.synchronize()
@@ -221,8 +226,9 @@ class _Run:
             self.seen_accepted = (accepted, accepted + rejected)
 
     def _can_hand_off(self) -> bool:
-        """Plain decoding can take over from here for one running row without extra outputs to merge."""
-        return len(self.active) == 1 and not self.score_stores and not self.hidden_layers
+        """Plain decoding can take over a call of one row (of more, it would see a different batch than plain
+        generate() does) that has no extra outputs to merge."""
+        return self.sequences.shape[0] == 1 and not self.score_stores and not self.hidden_layers
 
     def _hand_off_to_plain_decoding(self) -> None:
         """Continue the one running row with transformers' own loop (auto found that drafting does not pay)."""
@@ -259,8 +265,8 @@ class _Run:
         self.target_forwards = generated.shape[1]
         if self.auto is not None and steps.step_seconds is not None:
             self.auto.observe_plain_step(steps.step_seconds)
-        self.drafter.forward_count = 0
         self._finish_stats()
+        self.stats.draft_forwards, self.stats.exit_counts = 0, {}
         if isinstance(out, torch.Tensor):
             return out
         return SpeculativeGenerateOutput(**{key: value for key, value in out.items()}, spec_stats=self.stats)
@@ -269,8 +275,11 @@ class _Run:
         """The round's one read from the device: how many rows still run. Rows that finished leave the caches
         once half of the held rows are done (each removal copies every cache, so it is batched)."""
         running = ~self.finished[self.active]
-        remaining = int(running.sum())
-        if remaining and remaining <= len(self.active) // 2:
+        remaining, longest = torch.stack([running.sum(), self.lengths.max()]).tolist()
+        self.target.tighten(longest)
+        self.host_text_length = longest
+        # compaction changes the batch: captured graphs would be captured again, so compiled calls only mask
+        if remaining and remaining <= len(self.active) // 2 and self.compile_config is None:
             keep = running.nonzero()[:, 0]
             self.active = self.active[keep]
             if self.target_hidden is not None:
@@ -318,6 +327,7 @@ class _Run:
             target_config=self.model.config,
             target_hidden=self.target_hidden,
             prompt_length=self.prompt_length,
+            host_text_length=self.host_text_length,
             clock=self.clock,
             compile_config=self.compile_config,
         )

@@ -14,6 +14,7 @@ the speed-up formula of Leviathan et al. with measured times in place of its cos
 win, rounds draft nothing (and every `EXPLORE_EVERY` rounds one short draft keeps α current). When no draft
 length could beat plain steps even if every draft token were accepted, speculation cannot pay on this hardware:
 from then on generate() hands the whole call to plain decoding (transformers' own loop, so exactly its speed).
+A one-row call also hands over mid-way, at the first round where plain steps win.
 """
 
 from __future__ import annotations
@@ -69,13 +70,17 @@ class AutoSchedule:
         self.models: dict[tuple, CostModel] = {}
         self.alpha = PRIOR_ACCEPTANCE
         self.costs: CostModel | None = None
+        self.limit = max_draft_tokens
         self.plain_calls = 0
 
-    def start(self, key: tuple) -> None:
-        """Begin a generate() call; `key` = (batch size, device type, compiled)."""
+    def start(self, key: tuple, max_draft_tokens: int | None = None) -> None:
+        """Begin a generate() call; `key` = (batch size, device type, compiled); `max_draft_tokens` the call's
+        longest draft (`num_assistant_tokens`), which the caches are sized for."""
+        self.limit = max_draft_tokens or self.max_draft_tokens
+        key = (*key, self.limit)
         if key not in self.models:
-            grid = {1, 2, self.max_draft_tokens // 2, self.max_draft_tokens}
-            self.models[key] = CostModel(tuple(sorted(length for length in grid if 1 <= length <= self.max_draft_tokens)))
+            grid = {1, 2, self.limit // 2, self.limit}
+            self.models[key] = CostModel(tuple(sorted(length for length in grid if length >= 1)))
         self.costs = self.models[key]
         self.rounds = 0
 
@@ -111,7 +116,7 @@ class AutoSchedule:
     def best_length(self, alpha: float) -> int:
         """The draft length with the most expected tokens per second; 0 when plain steps are faster."""
         rates = {length: expected_tokens(alpha, length) / self.costs.seconds(length)
-                 for length in range(1, self.max_draft_tokens + 1)}
+                 for length in range(1, self.limit + 1)}
         best = max(rates, key=rates.get)
         return best if rates[best] > 1.0 / self.costs.plain_step else 0
 

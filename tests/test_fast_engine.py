@@ -184,3 +184,16 @@ def test_auto_hands_a_single_row_over_to_plain_decoding_mid_call(pair):
     assert torch.equal(out.sequences, plain)
     assert [t for chunk in streamer.tokens[1:] for t in chunk] == plain[0, 6:].tolist() and streamer.ended == 1
     assert int(out.spec_stats.new_tokens[0]) == 30 and int(out.spec_stats.rounds[0]) == 0  # handed over at once
+
+
+def test_auto_with_a_shorter_num_assistant_tokens_stays_within_its_caches(pair):
+    """The call's num_assistant_tokens caps auto's draft lengths (the caches are sized for it)."""
+    target, draft = pair
+    drafter = ModelDrafter(draft, num_draft_tokens=6, schedule="auto")
+    batch = left_padded_batch(96, [5, 8], seed=5)
+    plain = target.generate(**batch, max_new_tokens=20, do_sample=False)
+    for _ in range(3):
+        out = target.generate(**batch, max_new_tokens=20, do_sample=False, assistant_model=drafter,
+                              num_assistant_tokens=2)
+        assert torch.equal(out, plain)
+    assert max(drafter.auto.costs.lengths) == 2

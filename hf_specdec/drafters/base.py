@@ -43,7 +43,8 @@ class DecodingState:
 
     sequences: [B, T] committed tokens, left-padded prompt first (`token_mask` marks real tokens).
     lengths:   [B] committed length per row; the last committed token is the root of the next draft.
-    budget:    [B] the deepest draft worth verifying per row (remaining new tokens - 1).
+    budget:    [B] the deepest draft worth verifying per row (remaining new tokens - 1); -1 for rows that
+               finished and wait, masked, for the next compaction (they draft nothing).
     """
 
     sequences: torch.Tensor
@@ -58,6 +59,7 @@ class DecodingState:
     target_config: object = None
     target_hidden: torch.Tensor | None = None  # [B, L, H] target states at `target_hidden_layers`, last accepted position
     prompt_length: int = 0  # width of the left-padded prompt
+    host_text_length: int = 0  # an upper bound of lengths.max(), known on the host
     clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`
     compile_config: object = None  # a transformers CompileConfig: capture fixed-shape forwards with torch.compile
 
@@ -156,7 +158,10 @@ class Drafter(ABC):
         """A copy of this drafter that drafts trees of the given shape."""
         import copy
 
+        if self.auto is not None:
+            raise ValueError("schedule='auto' chooses a chain's draft length; use it without a tree.")
         clone = copy.copy(self)
         TreeConfig.__post_init__(tree)
         clone.tree = tree
+        clone.last_stats = None
         return clone

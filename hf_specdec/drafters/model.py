@@ -106,9 +106,10 @@ class ModelDrafter(Drafter):
     def _root_scores(self, state: DecodingState) -> torch.Tensor:
         """Feed the unseen committed tokens; processed draft scores [B, V] for the root's children."""
         tokens, valid = self._pending_committed(state)
-        for start in range(0, tokens.shape[1], PENDING_WIDTH):  # fixed-width forwards (one shape when captured)
-            columns = slice(start, start + PENDING_WIDTH)
-            logits = self._forward_committed(tokens[:, columns], valid[:, columns]).logits[:, -1]
+        self.cache.tighten(state.host_text_length)
+        chunk = PENDING_WIDTH if self.cache.compiled else tokens.shape[1]  # one shape when captured
+        for start in range(0, tokens.shape[1], chunk):
+            logits = self._forward_committed(tokens[:, start:start + chunk], valid[:, start:start + chunk]).logits[:, -1]
         return self._process(logits[:, None], state, state.root_prefixes())[:, 0]
 
     def _node_scores(self, tokens, node_ids, depths, ancestors, state, prefixes) -> torch.Tensor:

@@ -141,6 +141,8 @@ class SortedDrafter(ModelDrafter):
 
     def _root_scores(self, state: DecodingState) -> torch.Tensor:
         tokens, valid = self._pending_committed(state)
+        for segment in self.segments:
+            segment.tighten(state.host_text_length)
         exit_hidden = self._committed_cascade(tokens.to(self.device), valid.to(self.device))
         return self._gate(lambda k, needing: exit_hidden[k][:, -1:], state, state.root_prefixes())[:, 0]
 
