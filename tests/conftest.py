@@ -63,6 +63,23 @@ def left_padded_batch(vocab_size, lengths, seed=0, pad_token_id=0):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class RecordingStreamer:
+    """A streamer that keeps every chunk it is given (the first one is the prompt)."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+    def tokens(self):
+        """Every streamed token after the prompt."""
+        return [token for chunk in self.chunks[1:] for token in chunk]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run far faster on one thread than fighting over two cores (and timings are never asserted)."""

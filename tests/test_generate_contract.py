@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import left_padded_batch, perturbed_copy, tiny_model
+from conftest import RecordingStreamer, left_padded_batch, perturbed_copy, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from hf_specdec import ModelDrafter, NGramDrafter, TreeConfig
@@ -214,20 +214,6 @@ class StopAfterToken(StoppingCriteria):
             assert isinstance(scores, tuple) and scores[-1].shape == (input_ids.shape[0], 96)
             assert len(scores) == input_ids.shape[1] - self.prompt_width
         return input_ids[:, -1] == self.token
-
-
-class RecordingStreamer:
-    def __init__(self):
-        self.chunks, self.ended = [], False
-
-    def put(self, value):
-        self.chunks.append(value.reshape(-1).tolist())
-
-    def end(self):
-        self.ended = True
-
-    def tokens(self):
-        return [token for chunk in self.chunks[1:] for token in chunk]
 
 
 @pytest.mark.parametrize("needs_scores", [False, True])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import left_padded_batch, perturbed_copy, tiny_model
+from conftest import RecordingStreamer, left_padded_batch, perturbed_copy, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_specdec import ModelDrafter, NGramDrafter, SpecStats, TreeConfig
@@ -88,17 +88,6 @@ def test_user_stopping_criteria_cut_rows_like_plain(pair):
     ours = target.generate(**batch, max_new_tokens=20, do_sample=False, stopping_criteria=criteria, pad_token_id=0,
                            assistant_model=ModelDrafter(draft, num_draft_tokens=5))
     assert torch.equal(ours, plain)
-
-
-class RecordingStreamer:
-    def __init__(self):
-        self.chunks, self.ended = [], False
-
-    def put(self, value):
-        self.chunks.append(value.reshape(-1).tolist())
-
-    def end(self):
-        self.ended = True
 
 
 def test_streamer_receives_prompt_then_every_token(pair):
