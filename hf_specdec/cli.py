@@ -77,6 +77,7 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
                       help=f"any of: {', '.join(EXPERIMENTS)} [all but sorted]")
     what.add_argument("--decoding", nargs="+", choices=("greedy", "sample"), help="[greedy sample]")
     what.add_argument("--temperature", type=float, help="temperature of the sampling rows [1.0]")
+    what.add_argument("--top-p", type=float, help="nucleus sampling (top_p) of the sampling rows [1.0: off]")
     what.add_argument("--num-draft-tokens", type=int, help="γ, tokens drafted per round for chains [6]")
     what.add_argument("--draft-lengths", nargs="+", type=_numbers(int), help="γ values of the gamma-sweep [1 2 4 8]")
     what.add_argument("--batch-sizes", nargs="+", type=_numbers(int), help="batch sizes of the batch-sweep [1 4 8]")
@@ -128,7 +129,7 @@ def suite_config_from_args(args: argparse.Namespace):
         dtype=args.dtype, device=args.device, prompts=tuple(args.prompts) if args.prompts else None,
         prompts_per_category=args.prompts_per_category, max_prompt_tokens=args.max_prompt_tokens,
         experiments=experiments, decodings=tuple(args.decoding) if args.decoding else None,
-        temperature=args.temperature, num_draft_tokens=args.num_draft_tokens,
+        temperature=args.temperature, top_p=args.top_p, num_draft_tokens=args.num_draft_tokens,
         draft_lengths=_flatten(args.draft_lengths), batch_sizes=_flatten(args.batch_sizes), tree=args.tree,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         threads=args.threads, sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,

@@ -6,10 +6,12 @@ row's last committed token). `processed[:, 0]` is the target's processed distrib
 
 - greedy: follow the child whose token equals the processed argmax; stop when none does; the bonus is the argmax.
 - sampling: try the children in order; child x drawn from q is accepted with probability min(1, p(x) / q(x)); on
-  rejection p becomes norm(max(p - q, 0)) and the next sibling is tried (SpecInfer's recursive rejection, which is
-  Leviathan's rule for a chain). A deterministic child has q = one-hot, so it is accepted with probability p(x) and
-  rejection removes x from p. When no child is accepted, the bonus is drawn from the current (residual) p; when a
-  leaf is reached, from the leaf's p. Either way every emitted token follows the target's processed distribution.
+  rejection p becomes norm(max(p - q, 0)) and the next sibling is tried (recursive rejection, which is Leviathan's
+  rule for a chain). q is each node's own `Draft.probs` row: for siblings drawn without replacement it is the
+  parent's distribution without the earlier siblings (see drafters/trees.py for why that is exact). A
+  deterministic child has q = one-hot, so it is accepted with probability p(x) and rejection removes x from p.
+  When no child is accepted, the bonus is drawn from the current (residual) p; when a leaf is reached, from the
+  leaf's p. Either way every emitted token follows the target's processed distribution.
 
 A chain takes a closed form (all positions at once); a tree walks `max_depth` levels over `max_children`
 siblings. Neither reads anything back to the host.

@@ -26,8 +26,8 @@ def private_scale_cache(tmp_path, monkeypatch):
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     exit_code = main(["bench", "--quick", "--prompts", "code", "rag", "--max-new-tokens", "8", "--no-progress",
-                      "--decoding", "greedy", "sample",
-                      "--experiments", "plain,assisted,chain,auto,tree,ngram,gamma-sweep,batch-sweep,sorted",
+                      "--decoding", "greedy", "sample", "--top-p", "0.9",
+                      "--experiments", "plain,assisted,chain,auto,tree,tree-top-k,ngram,gamma-sweep,batch-sweep,sorted",
                       "--sorted-exits", "1,4", "--draft-lengths", "1,2", "--batch-sizes", "1,2", "--out", str(out)])
     assert exit_code == 0
     return json.loads((out / "report.json").read_text()), out
@@ -45,6 +45,8 @@ def test_suite_rows_cover_every_experiment_and_greedy_rows_equal_plain(quick_rep
                 ("sorted adaptive [1, 4]", 1, decoding), ("sorted tree adaptive [1, 4]", 1, decoding),
                 ("auto[draft]", 1, decoding)} <= names
     assert {("plain", 2, "greedy"), ("chain[draft]", 2, "greedy")} <= names
+    # the top-k construction differs from `tree` only under sampling
+    assert ("tree-top-k[draft]", 1, "sample") in names and ("tree-top-k[draft]", 1, "greedy") not in names
     for row in pair["rows"]:
         overall = row["overall"]
         assert overall["new_tokens"] == 2 * 8 and overall["tokens_per_second"] > 0, row["name"]
@@ -193,6 +195,7 @@ def test_cli_builds_suite_configs():
     (dict(experiments=("sorted",)), "--sorted-exits"),
     (dict(tree=(2, 2, 50)), "max_nodes"),
     (dict(temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
 ])
 def test_suite_config_rejects_inconsistent_requests(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -101,6 +101,11 @@ def drafter_for(kind, target):
     return {
         "model-chain": lambda: ModelDrafter(draft, num_draft_tokens=3),
         "model-tree": lambda: ModelDrafter(draft, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
+        "model-tree-top-k": lambda: ModelDrafter(draft, tree=TreeConfig(3, 2, 6, sampling="top_k")),
+        "model-tree-wide": lambda: ModelDrafter(draft, tree=TreeConfig(depth=3, top_k=3, max_nodes=9, coverage=0.99)),
+        # a draft far from the target: first children are refused often, so later siblings decide many tokens
+        "model-tree-far": lambda: ModelDrafter(perturbed_copy(target, noise=1.5, seed=7),
+                                               tree=TreeConfig(depth=3, top_k=3, max_nodes=9, coverage=0.99)),
         "ngram-chain": lambda: NGramDrafter(max_ngram=2, num_draft_tokens=3),
         "ngram-tree": lambda: NGramDrafter(max_ngram=2, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
         # exits 1 and 2 of the perturbed copy; a threshold near the median max-probability mixes the two
@@ -126,8 +131,11 @@ def sample_batch(target, drafter, settings):
     return generated, out.spec_stats
 
 
-# every processor setting for model drafts (sampled chains, top-k trees); n-gram drafts (one-hot) on a subset
+# every processor setting for model drafts (sampled chains, sampled trees); deterministic top-k trees and n-gram
+# drafts (one-hot) on a subset
 CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting in SETTINGS] + [
+    ("model-tree-top-k", "temperature"), ("model-tree-top-k", "top-p"), ("model-tree-wide", "temperature"),
+    ("model-tree-wide", "top-k"), ("model-tree-far", "temperature")] + [
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
                                                                             "no-repeat-ngram")] + [
     (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree")
@@ -166,6 +174,41 @@ def test_the_check_catches_a_two_percent_bias(target):
     unbiased = torch.multinomial(joint.flatten(), SAMPLES // 2, replacement=True)
     samples = torch.stack([(unbiased // VOCAB ** (NEW_TOKENS - 1 - d)) % VOCAB for d in range(NEW_TOKENS)], dim=1)
     assert deviations(samples, joint) < BOUND
+
+
+def wrong_sibling_q(self, chosen, top_k):
+    """Biased: every sibling verified against its parent's q, as if drawn with replacement."""
+    q = torch.cat(self.parent_q, dim=1)
+    return q.gather(1, self.q_slot.gather(1, chosen)[..., None].expand(-1, -1, q.shape[-1]))
+
+
+def sibling_kept_by_its_own_probability(original):
+    """Biased: a later sibling is dropped when its own draft probability is low, so whether it exists depends on
+    what it is (the construction must decide from earlier siblings only)."""
+    def children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q):
+        original(self, ids, log_q, parent_ids, parent_scores, child_log_q)
+        own = child_log_q.exp().reshape(child_log_q.shape[0], -1)
+        self.kept[:, ids] &= ~((self.rank[:, ids] > 0) & (own < 0.25))
+    return children_added
+
+
+@pytest.mark.parametrize("bias", ["earlier siblings kept in q", "sibling kept by its own probability"])
+def test_the_check_catches_a_biased_sampled_tree(target, monkeypatch, bias):
+    """Negative control for sampled trees: each plausible mistake in the construction fails the check."""
+    from hf_specdec.drafters.trees import SampledCandidates
+
+    if bias == "earlier siblings kept in q":
+        monkeypatch.setattr(SampledCandidates, "_sibling_distributions", wrong_sibling_q)
+    else:
+        monkeypatch.setattr(SampledCandidates, "_children_added",
+                            sibling_kept_by_its_own_probability(SampledCandidates._children_added))
+    torch.manual_seed(0)
+    settings = SETTINGS["temperature"]
+    generated, _ = sample_batch(target, drafter_for("model-tree-far", target), settings)
+    width = max(map(len, PROMPTS))
+    worst = max(deviations(generated[row], exact_joint(target, prompt, captured_processors(
+        target, prompt, width, do_sample=True, **settings), padded_width=width)) for row, prompt in enumerate(PROMPTS))
+    assert worst > BOUND, f"{bias}: {worst:.2f}"
 
 
 def test_plain_sampling_passes_the_same_check(target):

@@ -3,7 +3,10 @@
     plain        target.generate, the baseline of every speed-up (one row per decoding and batch size used)
     plain-compiled  target.generate with transformers' static cache and torch.compile (compile_config)
     assisted     transformers' own assisted generation with the first plain-model drafter (batch 1)
-    chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1)
+    chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1; sampled trees draw their
+                 children from the drafter and verify them by recursive rejection)
+    tree-top-k   sampling only: every drafter's trees with deterministic top-k children (TreeConfig(sampling=
+                 "top_k"), the sampled trees before 0.3), for comparison with `tree`
     compiled     the first drafter's chains with captured forwards (compile_config; batch 1)
     auto         the first drafter with schedule="auto" (draft length from measured costs; batch 1)
     ngram        prompt-lookup drafting (batch 1)
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,8 +28,8 @@ from transformers import CompileConfig
 from ..drafters import NGramDrafter, SortedDrafter
 from .pairs import Pair
 
-EXPERIMENTS = ("plain", "plain-compiled", "assisted", "chain", "compiled", "auto", "tree", "ngram", "gamma-sweep",
-               "batch-sweep", "sorted")
+EXPERIMENTS = ("plain", "plain-compiled", "assisted", "chain", "compiled", "auto", "tree", "tree-top-k", "ngram",
+               "gamma-sweep", "batch-sweep", "sorted")
 # `hf-specdec bench` without flags: the headline rows, about 5 minutes on a 2-core CPU
 HEADLINE_EXPERIMENTS = ("plain", "assisted", "chain", "auto")
 # `--full`: every experiment but the sorted drafters (those need --sorted-exits)
@@ -75,7 +79,9 @@ def build_methods(config, pair: Pair) -> list[Method]:
     wanted = set(config.experiments)
 
     def sampling_kwargs(decoding: str) -> dict:
-        return dict(do_sample=True, temperature=config.temperature) if decoding == "sample" else dict(do_sample=False)
+        if decoding == "greedy":
+            return dict(do_sample=False)
+        return dict(do_sample=True, temperature=config.temperature, top_p=config.top_p)
 
     def plain(decoding):
         def run(batch, max_new_tokens):
@@ -147,6 +153,9 @@ def build_methods(config, pair: Pair) -> list[Method]:
                                       num_draft_tokens=gamma, warmup_runs=3, warmup_every_batch=True))
             if "tree" in wanted:
                 methods.append(drafter_method("tree", spec, decoding, tree_config=tree))
+            if "tree-top-k" in wanted and decoding == "sample":
+                top_k_tree = dataclasses.replace(tree, sampling="top_k")
+                methods.append(drafter_method("tree-top-k", spec, decoding, tree_config=top_k_tree))
         if "ngram" in wanted:
             methods.append(Method("ngram", decoding, speculative(
                 lambda: NGramDrafter(max_ngram=config.ngram_size, num_draft_tokens=gamma), decoding)))

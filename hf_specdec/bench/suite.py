@@ -54,6 +54,7 @@ class SuiteConfig:
     experiments: tuple[str, ...] = HEADLINE_EXPERIMENTS
     decodings: tuple[str, ...] = ("greedy",)
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the sampling rows (1.0: off)
     agreements: tuple[float, ...] = (0.9,)  # synthetic pair only
     dtype: str = "float32"
     device: str = "cpu"
@@ -105,6 +106,8 @@ class SuiteConfig:
             raise ValueError("Need repeats >= 1, warmup >= 0, max_new_tokens >= 2 and max_prompt_tokens >= 1.")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (greedy decoding is the 'greedy' decoding).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if min(self.batch_sizes) < 1 or min(self.draft_lengths) < 1:
             raise ValueError("batch sizes and draft lengths must be >= 1.")
         TreeConfig(*self.tree)  # fail on bad tree sizes before any model is built

@@ -13,18 +13,32 @@ from ..schedule import AutoSchedule
 from ..stats import PhaseClock, SpecStats
 
 
+TREE_SAMPLING_RULES = ("recursive", "top_k")
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """EAGLE-2-style dynamic draft tree.
 
     depth:     how many levels below the root are drafted.
-    top_k:     children drawn per expanded node, and frontier nodes expanded per level.
-    max_nodes: how many of the drafted nodes (best cumulative draft log-probability first) the target verifies.
+    top_k:     most children per expanded node, and frontier nodes expanded per level.
+    max_nodes: how many drafted nodes the target verifies.
+    sampling:  how children are chosen under `do_sample=True` (greedy trees always take the top-k):
+               "recursive" (default): drawn from the drafter's distribution without replacement and verified by
+               recursive rejection; a node gets as many children as its `coverage` asks for, and the tree always
+               contains the sampled chain of `depth` tokens it replaces (`hf_specdec.drafters.trees`);
+               "top_k": the top-k children of greedy trees, accepted with the target's probability of each token
+               (the construction before 0.3; kept for comparison).
+    coverage:  with sampling="recursive", a node wants the fewest children whose draft probabilities (most likely
+               first) add up to this mass, at most `top_k`: a confident drafter drafts a chain, an unsure one
+               branches.
     """
 
     depth: int = 5
     top_k: int = 4
     max_nodes: int = 24
+    sampling: str = "recursive"
+    coverage: float = 0.9
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1:
@@ -35,6 +49,11 @@ class TreeConfig:
                 f"TreeConfig(max_nodes={self.max_nodes}) must be between 1 and {most}, the number of nodes a tree of "
                 f"depth={self.depth} and top_k={self.top_k} drafts; lower max_nodes or raise depth/top_k."
             )
+        if self.sampling not in TREE_SAMPLING_RULES:
+            raise ValueError(f"TreeConfig(sampling={self.sampling!r}) must be one of {TREE_SAMPLING_RULES}.")
+        if not 0.0 < self.coverage <= 1.0:
+            raise ValueError(f"TreeConfig(coverage={self.coverage}) must be in (0, 1]: the draft mass a node's "
+                             "children should cover.")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from ..draft import Draft
 from ..processors import TreePrefixes, apply_processors
 from ..stats import PhaseClock
 from .base import DecodingState, Drafter, TreeConfig
+from .trees import SampledCandidates, TopKCandidates
 
 PENDING_WIDTH = 2  # committed tokens a drafter can be behind at the start of a round (see _pending_committed)
 
@@ -26,7 +27,8 @@ class ModelDrafter(Drafter):
 
     The draft applies the generation's own logits processors with each position's true prefix and samples (or
     takes the argmax) exactly as the target would, so the q handed to the verifier is the distribution the token
-    was drawn from. Tree children are the top-k of that distribution, i.e. deterministic (one-hot q).
+    was drawn from. Greedy tree children are the top-k of that distribution; sampled ones are drawn from it without
+    replacement and verified by recursive rejection (`hf_specdec.drafters.trees`).
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
@@ -147,7 +149,11 @@ class ModelDrafter(Drafter):
         batch_size = state.sequences.shape[0]
         device = state.sequences.device
         depth_limit = tree.depth
-        buffers = _CandidateBuffers(batch_size, self.round_capacity, depth_limit, device)
+        if state.do_sample and tree.sampling == "recursive":
+            buffers = SampledCandidates(batch_size, self.round_capacity, depth_limit, device, tree.max_nodes,
+                                        tree.coverage)
+        else:
+            buffers = TopKCandidates(batch_size, self.round_capacity, depth_limit, device)
 
         log_q = _log_probs(self._root_scores(state))
         frontier = buffers.add_children(log_q[:, None], parents=None, top_k=tree.top_k)
@@ -209,74 +215,6 @@ class ModelDrafter(Drafter):
         logits = match_vocabulary(logits.float(), state.vocab_size).to(state.sequences.device)
         scores = apply_processors(state.logits_processor, logits, prefixes)
         return scores[:, 0] if squeeze else scores
-
-
-class _CandidateBuffers:
-    """Every node drafted during one EAGLE-2 tree expansion, with its cumulative draft log-probability."""
-
-    def __init__(self, batch_size, capacity, max_depth, device):
-        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.parents = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
-        self.scores = torch.full((batch_size, capacity), float("-inf"), device=device)
-        self.depth = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.paths = torch.zeros(batch_size, capacity, max_depth, dtype=torch.long, device=device)
-        self.ancestors = torch.eye(capacity, dtype=torch.bool, device=device).repeat(batch_size, 1, 1)
-        self.count = 0
-
-    def add_children(self, log_q: torch.Tensor, parents: torch.Tensor | None, top_k: int) -> torch.Tensor:
-        """log_q: [B, F, V] draft log-probs at F parents → top_k children each; returns their ids [B, F * top_k]."""
-        batch_size, num_parents, _ = log_q.shape
-        child_log_q, child_tokens = log_q.topk(top_k, dim=-1)  # [B, F, k]
-        if parents is None:
-            parent_ids = torch.full((batch_size, num_parents), -1, dtype=torch.long, device=log_q.device)
-            parent_scores = torch.zeros(batch_size, num_parents, device=log_q.device)
-        else:
-            parent_ids, parent_scores = parents, self.scores.gather(1, parents)
-        ids = torch.arange(self.count, self.count + num_parents * top_k, device=log_q.device).expand(batch_size, -1)
-        self.count += num_parents * top_k
-        parent_of = parent_ids[:, :, None].expand(-1, -1, top_k).reshape(batch_size, -1)
-        self.tokens[:, ids[0]] = child_tokens.reshape(batch_size, -1)
-        self.parents[:, ids[0]] = parent_of
-        self.scores[:, ids[0]] = (parent_scores[:, :, None] + child_log_q).reshape(batch_size, -1)
-        parent_depth = torch.where(parent_of >= 0, self.depth.gather(1, parent_of.clamp(min=0)), 0)
-        depth = parent_depth + 1
-        self.depth[:, ids[0]] = depth
-        parent_paths = self.paths.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.paths.shape[-1]))
-        parent_paths = torch.where((parent_of >= 0)[:, :, None], parent_paths, 0)
-        parent_paths.scatter_(2, (depth - 1)[:, :, None], self.tokens[:, ids[0]][:, :, None])
-        self.paths[:, ids[0]] = parent_paths
-        parent_rows = self.ancestors.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.ancestors.shape[-1]))
-        parent_rows = parent_rows & (parent_of >= 0)[:, :, None]
-        self.ancestors[:, ids[0]] = parent_rows | self.ancestors[:, ids[0]]
-        return ids
-
-    def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
-        scores = self.scores.gather(1, ids)
-        return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
-
-    def select(self, max_nodes: int, top_k: int) -> tuple[Draft, torch.Tensor]:
-        """The best `max_nodes` candidates as a topologically ordered Draft. A child never scores above its
-        parent, and ties go to the shallower node, so the selection is a connected subtree."""
-        scores = self.scores[:, : self.count]
-        depth = self.depth[:, : self.count]
-        # rank by score, then by depth (parents first among equals)
-        rank_key = scores - depth.float() * 1e-6
-        chosen = rank_key.topk(min(max_nodes, self.count), dim=-1).indices
-        chosen_depth = depth.gather(1, chosen)
-        order = (chosen_depth.float() * 1e4 - rank_key.gather(1, chosen).clamp(min=-1e3)).argsort(dim=-1)
-        chosen = chosen.gather(1, order)
-        batch_size = chosen.shape[0]
-        position_of = torch.full((batch_size, self.count), -1, dtype=torch.long, device=chosen.device)
-        position_of.scatter_(1, chosen, torch.arange(chosen.shape[1], device=chosen.device).expand(batch_size, -1))
-        parent_ids = self.parents.gather(1, chosen)
-        parents = torch.where(parent_ids >= 0, position_of.gather(1, parent_ids.clamp(min=0)), -1)
-        # a node is usable when it and every ancestor were drawn with non-zero probability and selected
-        usable = torch.isfinite(scores) & (position_of >= 0)
-        ancestors = self.ancestors[:, : self.count, : self.count]
-        node_ok = ~(ancestors & ~usable[:, None, :]).any(-1)
-        draft = Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=node_ok.gather(1, chosen),
-                      max_depth=self.paths.shape[-1], max_children=top_k)
-        return draft, chosen
 
 
 def _draw(scores: torch.Tensor, do_sample: bool):

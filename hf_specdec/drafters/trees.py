@@ -1,0 +1,205 @@
+"""How a drafter with distributions grows a token tree, level by level (EAGLE-2's expansion).
+
+Every level, the drafter scores its frontier (at most `top_k` nodes) and each frontier node gets up to `top_k`
+children. Two constructions share that loop:
+
+`TopKCandidates` (greedy, and `TreeConfig(sampling="top_k")`): a node's children are the `top_k` most likely
+tokens of the draft distribution q; the `max_nodes` candidates with the best cumulative draft log-probability are
+verified. The children are deterministic (q one-hot for the verifier), so under sampling a child x is accepted with
+the target's probability p(x) only: a flat target refuses almost every child.
+
+`SampledCandidates` (sampling; the default): a node's children are drawn from q *without replacement* (Gumbel
+top-k, which yields a without-replacement sample in draw order), and the verifier runs recursive rejection over
+them in draw order (Recursive Speculative Decoding, Jeon et al. 2024): sibling j was drawn from
+q_j = q without siblings 1..j-1, renormalised, and is accepted with min(1, p_j(x) / q_j(x)), where p_j is the
+target's residual after the earlier siblings were refused (p_1 = p, p_{j+1} = norm(max(p_j - q_j, 0))); when every
+sibling is refused the token comes from the last residual.
+
+Why it is exact (sketch). One step is Leviathan's lemma: x ~ q_j accepted with min(1, p_j/q_j), else a token
+from norm(max(p_j - q_j, 0)), gives a token distributed as p_j. Induct over the siblings from the last one: what
+follows a refusal outputs a token distributed as p_{j+1} whatever x_1..x_j were (x_{j+1} ~ q_{j+1} is a fresh
+draw given them), so each step outputs p_j and the node outputs p_1 = p; an accepted child continues with the
+target's distribution after it, so the whole path follows the target. The lemma needs the number of siblings a
+node gets to be independent of the values of those siblings. The construction keeps that: a node's sibling list is
+always a prefix of its draw order, cut by a rule that reads only q, the earlier siblings and other nodes
+(`priority` below never reads the sibling's own token); what happens *below* a node (whether it is expanded and
+how) may depend on anything drawn above it.
+
+Shape from the drafter's confidence. A node wants as many children as q's most likely tokens need to cover
+`coverage` of its mass (a confident drafter drafts a chain, an uncertain one branches). The node budget
+`max_nodes` is spent level by level on the wanted children with the most "mass left" (the parent's path score
+plus log(1 - mass of the earlier siblings)), and the first-drawn child of the first-drawn path (the spine) is
+always kept: the spine is distributed exactly like a sampled chain of `depth` tokens and its first child at every
+node is accepted exactly as the chain's token would be, so the tree accepts at least what the chain it contains
+would (given `max_nodes >= depth`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..draft import Draft
+
+
+class TopKCandidates:
+    """Every node drafted during one tree expansion, with its cumulative draft log-probability."""
+
+    def __init__(self, batch_size: int, capacity: int, max_depth: int, device):
+        self.tokens = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.parents = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.scores = torch.full((batch_size, capacity), float("-inf"), device=device)
+        self.depth = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.paths = torch.zeros(batch_size, capacity, max_depth, dtype=torch.long, device=device)
+        self.ancestors = torch.eye(capacity, dtype=torch.bool, device=device).repeat(batch_size, 1, 1)
+        self.count = 0
+
+    def add_children(self, log_q: torch.Tensor, parents: torch.Tensor | None, top_k: int) -> torch.Tensor:
+        """log_q: [B, F, V] draft log-probs at F parents → top_k children each; returns their ids [B, F * top_k]."""
+        batch_size, num_parents, _ = log_q.shape
+        child_tokens = self._choose_children(log_q, top_k)  # [B, F, k]
+        child_log_q = log_q.gather(2, child_tokens)
+        if parents is None:
+            parent_ids = torch.full((batch_size, num_parents), -1, dtype=torch.long, device=log_q.device)
+            parent_scores = torch.zeros(batch_size, num_parents, device=log_q.device)
+        else:
+            parent_ids, parent_scores = parents, self.scores.gather(1, parents)
+        ids = torch.arange(self.count, self.count + num_parents * top_k, device=log_q.device).expand(batch_size, -1)
+        self.count += num_parents * top_k
+        parent_of = parent_ids[:, :, None].expand(-1, -1, top_k).reshape(batch_size, -1)
+        self.tokens[:, ids[0]] = child_tokens.reshape(batch_size, -1)
+        self.parents[:, ids[0]] = parent_of
+        self.scores[:, ids[0]] = (parent_scores[:, :, None] + child_log_q).reshape(batch_size, -1)
+        parent_depth = torch.where(parent_of >= 0, self.depth.gather(1, parent_of.clamp(min=0)), 0)
+        depth = parent_depth + 1
+        self.depth[:, ids[0]] = depth
+        parent_paths = self.paths.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.paths.shape[-1]))
+        parent_paths = torch.where((parent_of >= 0)[:, :, None], parent_paths, 0)
+        parent_paths.scatter_(2, (depth - 1)[:, :, None], self.tokens[:, ids[0]][:, :, None])
+        self.paths[:, ids[0]] = parent_paths
+        parent_rows = self.ancestors.gather(1, parent_of.clamp(min=0)[:, :, None].expand(-1, -1, self.ancestors.shape[-1]))
+        parent_rows = parent_rows & (parent_of >= 0)[:, :, None]
+        self.ancestors[:, ids[0]] = parent_rows | self.ancestors[:, ids[0]]
+        self._children_added(ids[0], log_q, parent_ids, parent_scores, child_log_q)
+        return ids
+
+    def _choose_children(self, log_q: torch.Tensor, top_k: int) -> torch.Tensor:
+        return log_q.topk(top_k, dim=-1).indices
+
+    def _children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q) -> None:
+        """Hook for constructions that keep more per child."""
+
+    def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
+        """The next frontier: the `count` children (of `ids`) with the best cumulative draft log-probability."""
+        scores = self.scores.gather(1, ids)
+        return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
+
+    def select(self, max_nodes: int, top_k: int) -> tuple[Draft, torch.Tensor]:
+        """The best `max_nodes` candidates as a topologically ordered Draft. A child never scores above its
+        parent, and ties go to the shallower node, so the selection is a connected subtree."""
+        scores = self.scores[:, : self.count]
+        depth = self.depth[:, : self.count]
+        # rank by score, then by depth (parents first among equals)
+        rank_key = scores - depth.float() * 1e-6
+        chosen = rank_key.topk(min(max_nodes, self.count), dim=-1).indices
+        chosen_depth = depth.gather(1, chosen)
+        order = (chosen_depth.float() * 1e4 - rank_key.gather(1, chosen).clamp(min=-1e3)).argsort(dim=-1)
+        chosen = chosen.gather(1, order)
+        # a node is usable when it and every ancestor were drawn with non-zero probability and selected
+        usable = torch.isfinite(scores) & self._positions(chosen).ge(0)
+        return self._draft(chosen, usable, top_k), chosen
+
+    def _positions(self, chosen: torch.Tensor) -> torch.Tensor:
+        """[B, count] position of every candidate in `chosen`, -1 when not chosen."""
+        position_of = torch.full((chosen.shape[0], self.count), -1, dtype=torch.long, device=chosen.device)
+        return position_of.scatter_(1, chosen, torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen))
+
+    def _draft(self, chosen: torch.Tensor, usable: torch.Tensor, top_k: int, probs=None) -> Draft:
+        """The chosen candidates (topologically ordered) as a Draft; a node is valid when it and every ancestor
+        are usable."""
+        position_of = self._positions(chosen)
+        parent_ids = self.parents.gather(1, chosen)
+        parents = torch.where(parent_ids >= 0, position_of.gather(1, parent_ids.clamp(min=0)), -1)
+        ancestors = self.ancestors[:, : self.count, : self.count]
+        node_ok = ~(ancestors & ~usable[:, None, :]).any(-1)
+        return Draft(tokens=self.tokens.gather(1, chosen), parents=parents, valid=node_ok.gather(1, chosen),
+                     probs=probs, max_depth=self.paths.shape[-1], max_children=top_k)
+
+
+class SampledCandidates(TopKCandidates):
+    """Children drawn from q without replacement, as many as q's mass asks for, within a node budget (see the
+    module docstring for why the recursive-rejection verifier then emits exactly the target's distribution)."""
+
+    def __init__(self, batch_size: int, capacity: int, max_depth: int, device, max_nodes: int, coverage: float):
+        super().__init__(batch_size, capacity, max_depth, device)
+        self.coverage = coverage
+        self.kept = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.rank = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # sibling rank, draw order
+        self.q_slot = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # its parent's q
+        self.parent_q: list[torch.Tensor] = []  # per level: [B, F, V] the distributions children were drawn from
+        self.budget_left = torch.full((batch_size,), max_nodes, dtype=torch.long, device=device)
+        self.levels_left = max_depth
+
+    def _choose_children(self, log_q: torch.Tensor, top_k: int) -> torch.Tensor:
+        gumbel = -torch.empty_like(log_q).exponential_().log()
+        return (log_q + gumbel).topk(top_k, dim=-1).indices  # a without-replacement sample of q, in draw order
+
+    def _children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q) -> None:
+        batch_size, num_parents, top_k = child_log_q.shape
+        q = log_q.exp()
+        slots = sum(level.shape[1] for level in self.parent_q) + torch.arange(num_parents, device=q.device)
+        self.parent_q.append(q)
+        self.q_slot[:, ids] = slots.repeat_interleave(top_k)
+        ranks = torch.arange(top_k, device=q.device)
+        self.rank[:, ids] = ranks.repeat(num_parents)
+
+        # children a node wants: the fewest of q's most likely tokens that cover `coverage` of its mass
+        top_mass = q.topk(top_k, dim=-1).values.cumsum(-1)
+        wanted_count = 1 + (top_mass[..., :-1] < self.coverage).sum(-1)
+        parent_kept = torch.where(parent_ids >= 0, self.kept.gather(1, parent_ids.clamp(min=0)), True)
+        candidate = (ranks < wanted_count[..., None]) & torch.isfinite(child_log_q) & parent_kept[..., None]
+
+        # priority: the parent's path score + log(mass left after the earlier siblings); never the child's own
+        # token, so whether sibling j is kept does not depend on what sibling j is
+        child_q = child_log_q.exp()
+        earlier_mass = (child_q.cumsum(-1) - child_q).clamp(max=1 - 1e-6)
+        priority = parent_scores[..., None] + torch.log1p(-earlier_mass) - ranks * 1e-4
+        priority = torch.where(candidate, priority, float("-inf")).reshape(batch_size, -1)
+        priority[:, 0] = float("inf")  # the spine: first-drawn child of the first frontier node
+
+        # this level's budget: what is left, less one node for each deeper level of the spine
+        level_budget = self.budget_left - (self.budget_left - 1).clamp(max=self.levels_left - 1)
+        level_budget = torch.where(self.budget_left > 0, level_budget, 0)
+        order = priority.argsort(dim=-1, descending=True)
+        place = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=q.device).expand_as(order))
+        kept = (place < level_budget[:, None]) & (priority > float("-inf"))
+        self.kept[:, ids] = kept
+        self.budget_left = self.budget_left - kept.sum(-1)
+        self.levels_left -= 1
+
+    def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
+        """The kept children with the best path score, the spine first (it continues the contained chain)."""
+        scores = torch.where(self.kept.gather(1, ids), self.scores.gather(1, ids), float("-inf"))
+        scores[:, 0] = float("inf")
+        return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
+
+    def select(self, max_nodes: int, top_k: int) -> tuple[Draft, torch.Tensor]:
+        """Every kept candidate (at most `max_nodes` by the budget), in id order (levels in order, siblings in
+        draw order), each with the distribution it was drawn from: its parent's q without the earlier siblings."""
+        kept = self.kept[:, : self.count]
+        ids = torch.arange(self.count, device=kept.device)
+        width = min(max_nodes, self.count)
+        chosen = torch.where(kept, ids, self.count + ids).argsort(dim=-1)[:, :width]
+        return self._draft(chosen, kept, top_k, probs=self._sibling_distributions(chosen, top_k)), chosen
+
+    def _sibling_distributions(self, chosen: torch.Tensor, top_k: int) -> torch.Tensor:
+        """[B, N, V] q_j for each chosen node: its parent's q with the earlier siblings' tokens removed."""
+        parent_q = torch.cat(self.parent_q, dim=1)
+        slot = self.q_slot.gather(1, chosen)
+        q = parent_q.gather(1, slot[..., None].expand(-1, -1, parent_q.shape[-1]))
+        rank = self.rank.gather(1, chosen)
+        offsets = torch.arange(max(top_k - 1, 0), device=q.device)
+        earlier = (chosen - rank)[..., None] + offsets  # ids of siblings drawn before each node
+        earlier_tokens = self.tokens.gather(1, earlier.clamp(max=self.count - 1).flatten(1)).view_as(earlier)
+        removed = torch.zeros_like(q).scatter_add_(2, earlier_tokens, (offsets < rank[..., None]).to(q.dtype))
+        q = torch.where(removed > 0, 0.0, q)
+        return q / q.sum(-1, keepdim=True).clamp(min=1e-30)

@@ -1,0 +1,113 @@
+"""Sampled trees (TreeConfig(sampling="recursive"), the default under do_sample): construction and speed.
+
+Exactness is in tests/test_sampling_lossless.py (every drafter with distributions, with batches) together with
+negative controls: a variant that forgets to remove earlier siblings from q, and one that keeps a sibling by its
+own probability, both fail the exact-distribution check.
+"""
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+from hf_specdec import ModelDrafter, TreeConfig
+from hf_specdec.drafters.trees import SampledCandidates
+
+VOCAB = 32
+
+
+def grow(log_q_for_level, depth=4, top_k=3, max_nodes=9, coverage=0.9, batch_size=2):
+    """Run the level loop of ModelDrafter._propose_tree with given draft distributions (no model)."""
+    torch.manual_seed(0)
+    capacity = top_k + (depth - 1) * top_k * top_k
+    buffers = SampledCandidates(batch_size, capacity, depth, "cpu", max_nodes, coverage)
+    frontier = buffers.add_children(log_q_for_level(1)[:, :1], parents=None, top_k=top_k)
+    for level in range(1, depth):
+        children = buffers.add_children(log_q_for_level(level + 1)[:, : frontier.shape[1]], frontier, top_k)
+        frontier = buffers.best(children, top_k)
+    return buffers.select(max_nodes, top_k)
+
+
+def peaked(level, batch_size=2, frontier=3):
+    logits = torch.zeros(batch_size, frontier, VOCAB)
+    logits[..., (7 * level) % VOCAB] = 20.0  # q puts ~all its mass on one token
+    return logits.log_softmax(-1)
+
+
+def flat(level, batch_size=2, frontier=3):
+    return torch.zeros(batch_size, frontier, VOCAB).log_softmax(-1)
+
+
+def test_a_confident_drafter_drafts_a_chain():
+    draft, _ = grow(peaked)
+    assert draft.valid.sum(-1).tolist() == [4, 4]  # one child per level: the spine
+    depths = draft.depths()[draft.valid].view(2, 4)
+    assert depths.tolist() == [[1, 2, 3, 4]] * 2
+
+
+def test_an_unsure_drafter_branches_within_the_budget_and_keeps_the_spine():
+    draft, chosen = grow(flat)
+    assert draft.valid.sum(-1).tolist() == [9, 9]  # the whole budget
+    depths = draft.depths()
+    for row in range(2):
+        valid_depths = depths[row][draft.valid[row]]
+        assert set(valid_depths.tolist()) == {1, 2, 3, 4}  # the spine reaches the full depth
+        assert (valid_depths[:-1] <= valid_depths[1:]).all()  # topological: levels in order
+    assert (draft.valid.sum(-1) <= 9).all()
+
+
+def test_siblings_are_a_prefix_of_the_draw_order_with_their_exact_distributions():
+    draft, chosen = grow(flat)
+    q = torch.full((VOCAB,), 1.0 / VOCAB)
+    for row in range(2):
+        for parent in [-1] + list(range(draft.num_nodes)):
+            children = [i for i in range(draft.num_nodes) if draft.valid[row, i] and draft.parents[row, i] == parent]
+            tokens = draft.tokens[row, children].tolist()
+            assert len(set(tokens)) == len(tokens)  # drawn without replacement
+            for j, child in enumerate(children):
+                expected = q.clone()
+                expected[tokens[:j]] = 0  # q without the earlier siblings, renormalised
+                torch.testing.assert_close(draft.probs[row, child], expected / expected.sum())
+
+
+def test_coverage_sets_how_many_children_a_node_wants():
+    two_tokens = lambda level: torch.tensor([0.0, 0.0] + [-30.0] * (VOCAB - 2)).log_softmax(-1).expand(2, 3, -1)
+    draft, _ = grow(two_tokens, depth=1, top_k=3, max_nodes=3, coverage=0.9)
+    assert draft.valid.sum(-1).tolist() == [2, 2]  # two tokens hold all the mass: a third child is never drawn
+    draft, _ = grow(two_tokens, depth=1, top_k=3, max_nodes=3, coverage=0.4)
+    assert draft.valid.sum(-1).tolist() == [1, 1]  # the first token already covers 0.4
+
+
+def test_tree_config_validates_the_rule():
+    with pytest.raises(ValueError, match="sampling"):
+        TreeConfig(sampling="gumbel")
+    with pytest.raises(ValueError, match="coverage"):
+        TreeConfig(coverage=0.0)
+
+
+@pytest.fixture(scope="module")
+def flat_pair():
+    """The flat-distribution case of the issue: target max probability well under 0.05, a near-copy draft."""
+    target = tiny_model("qwen2", vocab_size=128, num_layers=2, hidden_size=32, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.02)
+    return target, perturbed_copy(target, noise=0.02, seed=4)
+
+
+def mean_tau(target, drafter, temperature, top_p):
+    ids = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                          top_p=top_p, max_new_tokens=48, assistant_model=drafter, return_dict_in_generate=True,
+                          pad_token_id=0)
+    return out.spec_stats.mean_accepted_length
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.9)])
+def test_a_sampled_tree_accepts_at_least_the_chain_it_contains(flat_pair, temperature, top_p):
+    target, draft = flat_pair
+    chain = mean_tau(target, ModelDrafter(draft, num_draft_tokens=5), temperature, top_p)
+    tree = mean_tau(target, ModelDrafter(draft, tree=TreeConfig(depth=5, top_k=4, max_nodes=24)), temperature, top_p)
+    top_k = mean_tau(target, ModelDrafter(draft, tree=TreeConfig(5, 4, 24, sampling="top_k")), temperature, top_p)
+    assert chain > 4.5  # the draft matches the flat target: a sampled chain is accepted almost always
+    assert tree >= 0.95 * chain, (tree, chain)
+    assert top_k < 2.0 < tree  # deterministic children of a flat target are refused
