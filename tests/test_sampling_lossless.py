@@ -178,7 +178,7 @@ def test_the_check_catches_a_two_percent_bias(target):
 
 def wrong_sibling_q(self, chosen, top_k):
     """Biased: every sibling verified against its parent's q, as if drawn with replacement."""
-    q = torch.cat(self.parent_q, dim=1)
+    q = torch.cat(self.parent_log_q, dim=1).exp()
     return q.gather(1, self.q_slot.gather(1, chosen)[..., None].expand(-1, -1, q.shape[-1]))
 
 

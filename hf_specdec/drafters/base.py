@@ -22,7 +22,7 @@ class TreeConfig:
 
     depth:     how many levels below the root are drafted.
     top_k:     most children per expanded node, and frontier nodes expanded per level.
-    max_nodes: how many drafted nodes the target verifies.
+    max_nodes: at most how many drafted nodes the target verifies.
     sampling:  how children are chosen under `do_sample=True` (greedy trees always take the top-k):
                "recursive" (default): drawn from the drafter's distribution without replacement and verified by
                recursive rejection; a node gets as many children as its `coverage` asks for, and the tree always

@@ -44,6 +44,9 @@ class ModelDrafter(Drafter):
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
         super().start(target, state, num_draft_tokens)
         check_shared_vocabulary(target, self.model)
+        if self.tree is not None and self.tree.top_k > state.vocab_size:
+            raise ValueError(f"TreeConfig(top_k={self.tree.top_k}) asks for more children per node than the "
+                             f"vocabulary has tokens ({state.vocab_size}); lower top_k.")
         self.model.eval()
         self.device = self.model.device
         self.clock = state.clock or PhaseClock(self.device)

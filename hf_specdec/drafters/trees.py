@@ -22,8 +22,11 @@ draw given them), so each step outputs p_j and the node outputs p_1 = p; an acce
 target's distribution after it, so the whole path follows the target. The lemma needs the number of siblings a
 node gets to be independent of the values of those siblings. The construction keeps that: a node's sibling list is
 always a prefix of its draw order, cut by a rule that reads only q, the earlier siblings and other nodes
-(`priority` below never reads the sibling's own token); what happens *below* a node (whether it is expanded and
-how) may depend on anything drawn above it.
+(`priority` below is computed from q and the earlier siblings only — an exclusive running sum, so not even
+rounding reads the sibling's own probability — and ties are broken by draw rank, then by a stable sort); what
+happens *below* a node (whether it is expanded and how) may depend on anything drawn above it. The distribution
+each sibling is verified against is built in log space, so a tail that underflows in probability space is still
+renormalised correctly.
 
 Shape from the drafter's confidence. A node wants as many children as q's most likely tokens need to cover
 `coverage` of its mass (a confident drafter drafts a chain, an uncertain one branches). The node budget
@@ -31,14 +34,19 @@ Shape from the drafter's confidence. A node wants as many children as q's most l
 plus log(1 - mass of the earlier siblings)), and the first-drawn child of the first-drawn path (the spine) is
 always kept: the spine is distributed exactly like a sampled chain of `depth` tokens and its first child at every
 node is accepted exactly as the chain's token would be, so the tree accepts at least what the chain it contains
-would (given `max_nodes >= depth`).
+would (given `max_nodes >= depth`; for model and guided drafters — a sorted drafter picks its exit per level over
+the whole frontier, so its spine may be drafted by another exit than its chain would be).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..draft import Draft
+
+RANK_TIE_BREAK = 1e-4  # keeps a node's later siblings strictly below its earlier ones in priority
+MASS_CEILING = 1 - 1e-6  # log1p(-mass) stays finite when the earlier siblings hold (nearly) all of q
 
 
 class TopKCandidates:
@@ -134,8 +142,8 @@ class SampledCandidates(TopKCandidates):
         self.coverage = coverage
         self.kept = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.rank = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # sibling rank, draw order
-        self.q_slot = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # its parent's q
-        self.parent_q: list[torch.Tensor] = []  # per level: [B, F, V] the distributions children were drawn from
+        self.q_slot = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # its parent's log q
+        self.parent_log_q: list[torch.Tensor] = []  # per level: [B, F, V] what the children were drawn from
         self.budget_left = torch.full((batch_size,), max_nodes, dtype=torch.long, device=device)
         self.levels_left = max_depth
 
@@ -146,8 +154,8 @@ class SampledCandidates(TopKCandidates):
     def _children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q) -> None:
         batch_size, num_parents, top_k = child_log_q.shape
         q = log_q.exp()
-        slots = sum(level.shape[1] for level in self.parent_q) + torch.arange(num_parents, device=q.device)
-        self.parent_q.append(q)
+        slots = sum(level.shape[1] for level in self.parent_log_q) + torch.arange(num_parents, device=q.device)
+        self.parent_log_q.append(log_q)
         self.q_slot[:, ids] = slots.repeat_interleave(top_k)
         ranks = torch.arange(top_k, device=q.device)
         self.rank[:, ids] = ranks.repeat(num_parents)
@@ -159,17 +167,16 @@ class SampledCandidates(TopKCandidates):
         candidate = (ranks < wanted_count[..., None]) & torch.isfinite(child_log_q) & parent_kept[..., None]
 
         # priority: the parent's path score + log(mass left after the earlier siblings); never the child's own
-        # token, so whether sibling j is kept does not depend on what sibling j is
-        child_q = child_log_q.exp()
-        earlier_mass = (child_q.cumsum(-1) - child_q).clamp(max=1 - 1e-6)
-        priority = parent_scores[..., None] + torch.log1p(-earlier_mass) - ranks * 1e-4
+        # token (the running sum is exclusive), so whether sibling j is kept does not depend on what sibling j is
+        earlier_mass = F.pad(child_log_q.exp()[..., :-1], (1, 0)).cumsum(-1).clamp(max=MASS_CEILING)
+        priority = parent_scores[..., None] + torch.log1p(-earlier_mass) - ranks * RANK_TIE_BREAK
         priority = torch.where(candidate, priority, float("-inf")).reshape(batch_size, -1)
         priority[:, 0] = float("inf")  # the spine: first-drawn child of the first frontier node
 
         # this level's budget: what is left, less one node for each deeper level of the spine
         level_budget = self.budget_left - (self.budget_left - 1).clamp(max=self.levels_left - 1)
         level_budget = torch.where(self.budget_left > 0, level_budget, 0)
-        order = priority.argsort(dim=-1, descending=True)
+        order = priority.argsort(dim=-1, descending=True, stable=True)
         place = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=q.device).expand_as(order))
         kept = (place < level_budget[:, None]) & (priority > float("-inf"))
         self.kept[:, ids] = kept
@@ -192,14 +199,18 @@ class SampledCandidates(TopKCandidates):
         return self._draft(chosen, kept, top_k, probs=self._sibling_distributions(chosen, top_k)), chosen
 
     def _sibling_distributions(self, chosen: torch.Tensor, top_k: int) -> torch.Tensor:
-        """[B, N, V] q_j for each chosen node: its parent's q with the earlier siblings' tokens removed."""
-        parent_q = torch.cat(self.parent_q, dim=1)
+        """[B, N, V] q_j for each chosen node: its parent's q with the earlier siblings' tokens removed,
+        renormalised (in log space: the earlier siblings may hold all of q's representable mass)."""
+        parent_log_q = torch.cat(self.parent_log_q, dim=1)
         slot = self.q_slot.gather(1, chosen)
-        q = parent_q.gather(1, slot[..., None].expand(-1, -1, parent_q.shape[-1]))
+        log_q = parent_log_q.gather(1, slot[..., None].expand(-1, -1, parent_log_q.shape[-1]))
         rank = self.rank.gather(1, chosen)
-        offsets = torch.arange(max(top_k - 1, 0), device=q.device)
-        earlier = (chosen - rank)[..., None] + offsets  # ids of siblings drawn before each node
-        earlier_tokens = self.tokens.gather(1, earlier.clamp(max=self.count - 1).flatten(1)).view_as(earlier)
-        removed = torch.zeros_like(q).scatter_add_(2, earlier_tokens, (offsets < rank[..., None]).to(q.dtype))
-        q = torch.where(removed > 0, 0.0, q)
-        return q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+        offsets = torch.arange(max(top_k - 1, 0), device=log_q.device)
+        # a node's siblings have consecutive ids (add_children lays children out parent by parent), so the ones
+        # drawn before it are the `rank` ids just below it
+        earlier = (chosen - rank)[..., None] + offsets
+        earlier_tokens = self.tokens.gather(1, earlier.flatten(1)).view_as(earlier)
+        drawn_before = (offsets < rank[..., None]).to(log_q.dtype)
+        removed = torch.zeros_like(log_q).scatter_add_(2, earlier_tokens, drawn_before) > 0
+        # a padding node may have every token removed: all -inf, softmax NaN; it is never verified, keep it 0
+        return log_q.masked_fill_(removed, float("-inf")).softmax(-1).nan_to_num_(0.0)
