@@ -11,7 +11,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 from hf_specdec import ModelDrafter, TreeConfig
-from hf_specdec.drafters.trees import SampledCandidates
+from hf_specdec.drafters.trees import SampledCandidates, SiblingAcceptance
 
 VOCAB = 32
 
@@ -20,7 +20,8 @@ def grow(log_q_for_level, depth=4, top_k=3, max_nodes=9, coverage=0.9, batch_siz
     """Run the level loop of ModelDrafter._propose_tree with given draft distributions (no model)."""
     torch.manual_seed(0)
     capacity = top_k + (depth - 1) * top_k * top_k
-    buffers = SampledCandidates(batch_size, capacity, depth, "cpu", max_nodes, coverage)
+    buffers = SampledCandidates(batch_size, capacity, depth, "cpu", coverage,
+                                SiblingAcceptance(top_k, "cpu").log_reach_by_rank())
     frontier = buffers.add_children(log_q_for_level(1)[:, :1], parents=None, top_k=top_k)
     for level in range(1, depth):
         children = buffers.add_children(log_q_for_level(level + 1)[:, : frontier.shape[1]], frontier, top_k)
@@ -68,6 +69,32 @@ def test_siblings_are_a_prefix_of_the_draw_order_with_their_exact_distributions(
                 expected = q.clone()
                 expected[tokens[:j]] = 0  # q without the earlier siblings, renormalised
                 torch.testing.assert_close(draft.probs[row, child], expected / expected.sum())
+
+
+def test_a_later_sibling_never_outranks_an_earlier_one():
+    """Kept siblings must be a prefix of the draw order, even when rank 1 is measured to accept more than rank 0."""
+    acceptance = SiblingAcceptance(3, "cpu")
+    acceptance.accepted = torch.tensor([0.5, 3.6, 2.0])  # rates 0.125, 0.9, 0.5 over 4 pseudo-rounds
+    reach = acceptance.log_reach_by_rank()
+    assert (reach[1:] <= reach[:-1]).all()
+
+
+def test_sibling_acceptance_counts_what_the_walk_tried():
+    """Root with children of ranks 0, 1 (nodes 0, 1); node 1 has children of ranks 0, 1 (nodes 2, 3).
+    Row 0 accepted node 1 then node 2 (a leaf): rank 0 tried twice, accepted once; rank 1 tried and accepted once.
+    Row 1 accepted nothing: both root children tried and refused."""
+    from hf_specdec.draft import Draft
+
+    acceptance = SiblingAcceptance(2, "cpu")
+    acceptance.tried.zero_()
+    acceptance.accepted.zero_()
+    parents = torch.tensor([[-1, -1, 1, 1]] * 2)
+    draft = Draft(tokens=torch.zeros(2, 4, dtype=torch.long), parents=parents, valid=torch.ones(2, 4, dtype=torch.bool),
+                  max_depth=2, max_children=2)
+    ranks = torch.tensor([[0, 1, 0, 1]] * 2)
+    path = torch.tensor([[1, 2], [-1, -1]])
+    acceptance.record(draft, ranks, path, torch.tensor([2, 0]))
+    assert acceptance.tried.tolist() == [3, 2] and acceptance.accepted.tolist() == [1, 1]
 
 
 def test_coverage_sets_how_many_children_a_node_wants():
@@ -132,7 +159,7 @@ def verify_rows(tables, rows=200_000, top_k=3, max_nodes=6, coverage=0.95, seed=
     p1, p2, log_q1, log_q2 = tables
     torch.manual_seed(seed)
     capacity = top_k + top_k * top_k
-    buffers = SampledCandidates(rows, capacity, 2, "cpu", max_nodes, coverage)
+    buffers = SampledCandidates(rows, capacity, 2, "cpu", coverage, SiblingAcceptance(top_k, "cpu").log_reach_by_rank())
     frontier = buffers.add_children(log_q1.expand(rows, 1, -1), parents=None, top_k=top_k)
     children = buffers.add_children(log_q2[buffers.tokens.gather(1, frontier)], frontier, top_k)
     buffers.best(children, top_k)

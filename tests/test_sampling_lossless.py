@@ -188,7 +188,7 @@ def sibling_kept_by_its_own_probability(original):
     def children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q):
         original(self, ids, log_q, parent_ids, parent_scores, child_log_q)
         own = child_log_q.exp().reshape(child_log_q.shape[0], -1)
-        self.kept[:, ids] &= ~((self.rank[:, ids] > 0) & (own < 0.25))
+        self.candidate[:, ids] &= ~((self.rank[:, ids] > 0) & (own < 0.25))
     return children_added
 
 

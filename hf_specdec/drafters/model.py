@@ -9,7 +9,7 @@ from ..draft import Draft
 from ..processors import TreePrefixes, apply_processors
 from ..stats import PhaseClock
 from .base import DecodingState, Drafter, TreeConfig
-from .trees import SampledCandidates, TopKCandidates
+from .trees import SampledCandidates, SiblingAcceptance, TopKCandidates
 
 PENDING_WIDTH = 2  # committed tokens a drafter can be behind at the start of a round (see _pending_committed)
 
@@ -39,6 +39,8 @@ class ModelDrafter(Drafter):
         self.vocab_size = model.config.get_text_config().vocab_size
         self.cache: SlotCache | None = None
         self.forward_count = 0
+        self.sibling_acceptance: SiblingAcceptance | None = None  # sampled trees' budget follows it
+        self._draft_ranks = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
@@ -90,6 +92,7 @@ class ModelDrafter(Drafter):
     # ------------------------------------------------------------------ drafting
     def propose(self, state: DecodingState) -> Draft:
         self._fed_tentative = False
+        self._draft_ranks = None
         if self.tree is not None:
             return self._propose_tree(state)
         return self._propose_chain(state)
@@ -152,9 +155,12 @@ class ModelDrafter(Drafter):
         batch_size = state.sequences.shape[0]
         device = state.sequences.device
         depth_limit = tree.depth
-        if state.do_sample and tree.sampling == "recursive":
-            buffers = SampledCandidates(batch_size, self.round_capacity, depth_limit, device, tree.max_nodes,
-                                        tree.coverage)
+        sampled = state.do_sample and tree.sampling == "recursive"
+        if sampled:
+            if self.sibling_acceptance is None or len(self.sibling_acceptance.tried) != tree.top_k:
+                self.sibling_acceptance = SiblingAcceptance(tree.top_k, device)
+            buffers = SampledCandidates(batch_size, self.round_capacity, depth_limit, device, tree.coverage,
+                                        self.sibling_acceptance.log_reach_by_rank())
         else:
             buffers = TopKCandidates(batch_size, self.round_capacity, depth_limit, device)
 
@@ -171,10 +177,13 @@ class ModelDrafter(Drafter):
             frontier = buffers.best(children, tree.top_k)
         draft, selected = buffers.select(tree.max_nodes, tree.top_k)
         self._draft_node_ids = selected.to(self.device)  # the cache knows nodes by candidate id
+        self._draft_ranks = buffers.ranks_of(selected) if sampled else None
         return draft
 
     def accept(self, state: DecodingState, draft: Draft, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
         super().accept(state, draft, path, num_accepted)
+        if self._draft_ranks is not None:  # a sampled tree: learn how often each sibling rank is accepted
+            self.sibling_acceptance.record(draft, self._draft_ranks, path, num_accepted)
         if not self._fed_tentative:  # nothing was fed this round
             return
         counts = self.cache.keep_path(self._accepted_node_ids(path), num_accepted, in_place=self.tree is None)

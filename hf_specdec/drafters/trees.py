@@ -19,23 +19,29 @@ Why it is exact (sketch). One step is Leviathan's lemma: x ~ q_j accepted with m
 from norm(max(p_j - q_j, 0)), gives a token distributed as p_j. Induct over the siblings from the last one: what
 follows a refusal outputs a token distributed as p_{j+1} whatever x_1..x_j were (x_{j+1} ~ q_{j+1} is a fresh
 draw given them), so each step outputs p_j and the node outputs p_1 = p; an accepted child continues with the
-target's distribution after it, so the whole path follows the target. The lemma needs the number of siblings a
-node gets to be independent of the values of those siblings. The construction keeps that: a node's sibling list is
-always a prefix of its draw order, cut by a rule that reads only q, the earlier siblings and other nodes
-(`priority` below is computed from q and the earlier siblings only — an exclusive running sum, so not even
-rounding reads the sibling's own probability — and ties are broken by draw rank, then by a stable sort); what
-happens *below* a node (whether it is expanded and how) may depend on anything drawn above it. The distribution
+target's distribution after it, so the whole path follows the target. The lemma needs a node's sibling list to be
+a prefix of its draw order whose length does not depend on the values of those siblings. Here every node has a
+`reach` computed from draw ranks and measured acceptance only (never from a drawn token), non-increasing along
+a path and along a node's draw order; the frontier each level is the most-reached nodes (so *which* nodes get
+expanded does not depend on any drawn token), and the `max_nodes` kept are the most-reached among the
+candidates (ties by id: parents and earlier siblings first). Whether sibling j is kept then depends only on nodes
+that outrank it, whose candidacy depends on their own ancestors' distributions: never on sibling j, its
+descendants or its later siblings (all rank below it). A node is a candidate when its parent's q wants it
+(below) and it was drawn with non-zero probability: both functions of its parent, not of itself. The distribution
 each sibling is verified against is built in log space, so a tail that underflows in probability space is still
 renormalised correctly.
 
-Shape from the drafter's confidence. A node wants as many children as q's most likely tokens need to cover
-`coverage` of its mass (a confident drafter drafts a chain, an uncertain one branches). The node budget
-`max_nodes` is spent level by level on the wanted children with the most "mass left" (the parent's path score
-plus log(1 - mass of the earlier siblings)), and the first-drawn child of the first-drawn path (the spine) is
-always kept: the spine is distributed exactly like a sampled chain of `depth` tokens and its first child at every
-node is accepted exactly as the chain's token would be, so the tree accepts at least what the chain it contains
-would (given `max_nodes >= depth`; for model and guided drafters — a sorted drafter picks its exit per level over
-the whole frontier, so its spine may be drafted by another exit than its chain would be).
+Shape from the drafter's confidence and its measured acceptance. A node wants as many children as q's most
+likely tokens need to cover `coverage` of its mass (a confident drafter drafts a chain, an uncertain one
+branches). `SiblingAcceptance` counts, per draw rank, how often a tried sibling is accepted (a rank-0 child is
+accepted like a chain's token; later ranks only see the target's residual); a node's reach is the product along
+its path of those rates (times the refusals of its earlier siblings), so the budget goes where the walk is most
+likely to go: deep along the chain for a drafter the target agrees with, wide near the root for one it does not.
+The first-drawn child of the first-drawn path (the spine) is always kept: the spine is distributed exactly like a
+sampled chain of `depth` tokens and its first child at every node is accepted exactly as the chain's token would
+be, so the tree accepts at least what the chain it contains would (given `max_nodes >= depth`; for model and
+guided drafters — a sorted drafter picks its exit per level over the whole frontier, so its spine may be drafted
+by another exit than its chain would be).
 """
 
 from __future__ import annotations
@@ -45,8 +51,6 @@ import torch.nn.functional as F
 
 from ..draft import Draft
 
-RANK_TIE_BREAK = 1e-4  # keeps a node's later siblings strictly below its earlier ones in priority
-MASS_CEILING = 1 - 1e-6  # log1p(-mass) stays finite when the earlier siblings hold (nearly) all of q
 
 
 class TopKCandidates:
@@ -133,19 +137,60 @@ class TopKCandidates:
                      probs=probs, max_depth=self.paths.shape[-1], max_children=top_k)
 
 
-class SampledCandidates(TopKCandidates):
-    """Children drawn from q without replacement, as many as q's mass asks for, within a node budget (see the
-    module docstring for why the recursive-rejection verifier then emits exactly the target's distribution)."""
+class SiblingAcceptance:
+    """How often a sampled tree's sibling of each draw rank is accepted once the walk tries it (all earlier
+    siblings refused), counted on the device from the verifier's paths with a prior of a few pseudo-rounds.
+    Lives on the drafter, so later calls start from what earlier ones measured."""
 
-    def __init__(self, batch_size: int, capacity: int, max_depth: int, device, max_nodes: int, coverage: float):
+    PRIOR = (0.6, 0.2)  # rank 0 (the chain's token), later ranks
+    PRIOR_ROUNDS = 4.0
+
+    def __init__(self, top_k: int, device):
+        prior = torch.full((top_k,), self.PRIOR[1], device=device)
+        prior[0] = self.PRIOR[0]
+        self.tried = torch.full((top_k,), self.PRIOR_ROUNDS, device=device)
+        self.accepted = prior * self.PRIOR_ROUNDS
+
+    def log_reach_by_rank(self) -> torch.Tensor:
+        """[top_k] log P(the walk reaches and accepts a node's sibling of rank j | it reached the node),
+        sum_{i<j} log(1 - a_i) + log a_j, made non-increasing in j (a running minimum) so that a later sibling
+        never outranks an earlier one: the siblings a node keeps must be a prefix of its draw order."""
+        rate = (self.accepted / self.tried).clamp(0.01, 0.99)
+        value = F.pad(torch.log1p(-rate)[:-1], (1, 0)).cumsum(0) + rate.log()
+        return value.cummin(0).values
+
+    def record(self, draft: Draft, ranks: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """One round: ranks [B, N] of the draft's nodes, path [B, D] accepted node indices (-1 past the end)."""
+        top_k = len(self.tried)
+        path, num_accepted = path.to(ranks.device), num_accepted.to(ranks.device)
+        columns = torch.arange(top_k, device=ranks.device)
+        on_path = path >= 0
+        path_rank = ranks.gather(1, path.clamp(min=0))  # the accepted child's rank at every depth
+        self.tried += ((columns <= path_rank[..., None]) & on_path[..., None]).sum((0, 1))
+        self.accepted += ((columns == path_rank[..., None]) & on_path[..., None]).sum((0, 1))
+        # where the walk stopped, every child of that node was tried and refused
+        last = path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0]
+        stop = torch.where(num_accepted > 0, last, -1)
+        children = ((draft.parents == stop[:, None]) & draft.valid).sum(-1)
+        self.tried += (columns < children[:, None]).sum(0)
+
+
+class SampledCandidates(TopKCandidates):
+    """Children drawn from q without replacement, as many as q's mass asks for, the budget spent on the nodes the
+    walk is most likely to reach (see the module docstring for why the recursive-rejection verifier then emits
+    exactly the target's distribution)."""
+
+    def __init__(self, batch_size: int, capacity: int, max_depth: int, device, coverage: float,
+                 log_reach_by_rank: torch.Tensor):
         super().__init__(batch_size, capacity, max_depth, device)
         self.coverage = coverage
-        self.kept = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.log_reach_by_rank = log_reach_by_rank.to(device)
+        self.reach = torch.full((batch_size, capacity), float("-inf"), device=device)  # log, from ranks only
+        self.spine = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.candidate = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.rank = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # sibling rank, draw order
         self.q_slot = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)  # its parent's log q
         self.parent_log_q: list[torch.Tensor] = []  # per level: [B, F, V] what the children were drawn from
-        self.budget_left = torch.full((batch_size,), max_nodes, dtype=torch.long, device=device)
-        self.levels_left = max_depth
 
     def _choose_children(self, log_q: torch.Tensor, top_k: int) -> torch.Tensor:
         gumbel = -torch.empty_like(log_q).exponential_().log()
@@ -153,50 +198,48 @@ class SampledCandidates(TopKCandidates):
 
     def _children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q) -> None:
         batch_size, num_parents, top_k = child_log_q.shape
-        q = log_q.exp()
-        slots = sum(level.shape[1] for level in self.parent_log_q) + torch.arange(num_parents, device=q.device)
+        slots = sum(level.shape[1] for level in self.parent_log_q) + torch.arange(num_parents, device=log_q.device)
         self.parent_log_q.append(log_q)
         self.q_slot[:, ids] = slots.repeat_interleave(top_k)
-        ranks = torch.arange(top_k, device=q.device)
+        ranks = torch.arange(top_k, device=log_q.device)
         self.rank[:, ids] = ranks.repeat(num_parents)
 
+        def of_parent(buffer, root_value):
+            return torch.where(parent_ids >= 0, buffer.gather(1, parent_ids.clamp(min=0)), root_value)
+
+        # reach: from draw ranks and measured acceptance only, never from drawn tokens (see the module docstring)
+        reach = of_parent(self.reach, 0.0)[..., None] + self.log_reach_by_rank[:top_k]
+        self.reach[:, ids] = reach.reshape(batch_size, -1)
+        self.spine[:, ids] = (of_parent(self.spine, True)[..., None] & (ranks == 0)).reshape(batch_size, -1)
         # children a node wants: the fewest of q's most likely tokens that cover `coverage` of its mass
-        top_mass = q.topk(top_k, dim=-1).values.cumsum(-1)
+        top_mass = log_q.exp().topk(top_k, dim=-1).values.cumsum(-1)
         wanted_count = 1 + (top_mass[..., :-1] < self.coverage).sum(-1)
-        parent_kept = torch.where(parent_ids >= 0, self.kept.gather(1, parent_ids.clamp(min=0)), True)
-        candidate = (ranks < wanted_count[..., None]) & torch.isfinite(child_log_q) & parent_kept[..., None]
+        candidate = (ranks < wanted_count[..., None]) & torch.isfinite(child_log_q) & of_parent(self.candidate, True)[..., None]
+        self.candidate[:, ids] = candidate.reshape(batch_size, -1)
 
-        # priority: the parent's path score + log(mass left after the earlier siblings); never the child's own
-        # token (the running sum is exclusive), so whether sibling j is kept does not depend on what sibling j is
-        earlier_mass = F.pad(child_log_q.exp()[..., :-1], (1, 0)).cumsum(-1).clamp(max=MASS_CEILING)
-        priority = parent_scores[..., None] + torch.log1p(-earlier_mass) - ranks * RANK_TIE_BREAK
-        priority = torch.where(candidate, priority, float("-inf")).reshape(batch_size, -1)
-        priority[:, 0] = float("inf")  # the spine: first-drawn child of the first frontier node
-
-        # this level's budget: what is left, less one node for each deeper level of the spine
-        level_budget = self.budget_left - (self.budget_left - 1).clamp(max=self.levels_left - 1)
-        level_budget = torch.where(self.budget_left > 0, level_budget, 0)
-        order = priority.argsort(dim=-1, descending=True, stable=True)
-        place = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=q.device).expand_as(order))
-        kept = (place < level_budget[:, None]) & (priority > float("-inf"))
-        self.kept[:, ids] = kept
-        self.budget_left = self.budget_left - kept.sum(-1)
-        self.levels_left -= 1
+    def _key(self, ids: torch.Tensor) -> torch.Tensor:
+        """Budget order: the spine first (it is the chain the tree contains), then by reach; ties by id."""
+        return torch.where(self.spine.gather(1, ids), float("inf"), self.reach.gather(1, ids))
 
     def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
-        """The kept children with the best path score, the spine first (it continues the contained chain)."""
-        scores = torch.where(self.kept.gather(1, ids), self.scores.gather(1, ids), float("-inf"))
-        scores[:, 0] = float("inf")
-        return ids.gather(1, scores.topk(min(count, ids.shape[1]), dim=-1).indices)
+        """The next frontier: the `count` children most likely to be reached (the same nodes whatever was drawn)."""
+        order = self._key(ids).argsort(dim=-1, descending=True, stable=True)[:, :count]
+        return ids.gather(1, order)
 
     def select(self, max_nodes: int, top_k: int) -> tuple[Draft, torch.Tensor]:
-        """Every kept candidate (at most `max_nodes` by the budget), in id order (levels in order, siblings in
-        draw order), each with the distribution it was drawn from: its parent's q without the earlier siblings."""
-        kept = self.kept[:, : self.count]
-        ids = torch.arange(self.count, device=kept.device)
+        """The `max_nodes` candidates most likely to be reached, in id order (levels in order, siblings in draw
+        order), each with the distribution it was drawn from: its parent's q without the earlier siblings. A child
+        never outranks its parent (lower reach, larger id), so the selection is a connected subtree."""
+        ids = torch.arange(self.count, device=self.reach.device).expand(self.reach.shape[0], -1)
+        key = torch.where(self.candidate[:, : self.count], self._key(ids), float("-inf"))
         width = min(max_nodes, self.count)
-        chosen = torch.where(kept, ids, self.count + ids).argsort(dim=-1)[:, :width]
-        return self._draft(chosen, kept, top_k, probs=self._sibling_distributions(chosen, top_k)), chosen
+        selected = key.argsort(dim=-1, descending=True, stable=True)[:, :width]
+        chosen = selected.sort(dim=-1).values
+        usable = torch.zeros_like(self.candidate[:, : self.count]).scatter_(1, chosen, True) & self.candidate[:, : self.count]
+        return self._draft(chosen, usable, top_k, probs=self._sibling_distributions(chosen, top_k)), chosen
+
+    def ranks_of(self, chosen: torch.Tensor) -> torch.Tensor:
+        return self.rank.gather(1, chosen)
 
     def _sibling_distributions(self, chosen: torch.Tensor, top_k: int) -> torch.Tensor:
         """[B, N, V] q_j for each chosen node: its parent's q with the earlier siblings' tokens removed,
