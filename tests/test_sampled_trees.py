@@ -231,3 +231,38 @@ def test_a_sibling_drawn_from_an_underflowing_tail_is_verified_against_its_true_
     tables = (p1, torch.full((vocab, vocab), 1 / vocab), log_q1, torch.zeros(vocab, vocab).log_softmax(-1))
     first, _, _ = verify_rows(tables, top_k=3, max_nodes=6, coverage=1.0)
     assert worst_z(first, p1) < 4.5
+
+
+@pytest.mark.parametrize("level_major,biased", [(False, True), (True, False)])
+def test_a_gate_reading_the_whole_level_needs_level_major_ranking(level_major, biased):
+    """A sorted drafter picks one exit per level from the level's most confident node, so a node's q depends on
+    its parent's siblings. Ranked by reach across levels, a deeper node (whose candidacy then depends on sibling
+    j's own token) can outrank sibling j: biased (|z| ~ 30 here). Ranked level by level: exact."""
+    vocab, top_k, rows = 6, 3, 400_000
+
+    def norm(values):
+        values = torch.tensor(values, dtype=torch.float)
+        return values / values.sum()
+
+    q1 = norm([0.25, 0.25, 0.25, 0.25 - 2e-3, 1e-3, 1e-3])
+    p1 = norm([0.50, 0.05, 0.05, 0.05, 0.175, 0.175])
+    confident_exit = torch.stack([norm([0.99] + [0.002] * 5)] + [norm([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])] * 5)
+    last_exit = torch.stack([norm([0.01] * t + [0.99] + [0.01] * (vocab - 1 - t)) for t in range(vocab)])
+    torch.manual_seed(0)
+    acceptance = SiblingAcceptance(top_k, "cpu")
+    acceptance.accepted = torch.tensor([0.9, 0.5, 0.5]) * acceptance.tried  # rates measured on an earlier call
+    buffers = SampledCandidates(rows, top_k + top_k * top_k, 2, "cpu", 0.95, acceptance.log_reach_by_rank(),
+                                level_major=level_major)
+    frontier = buffers.add_children(q1.log().expand(rows, 1, -1), parents=None, top_k=top_k)
+    tokens = buffers.tokens.gather(1, frontier)
+    confident = confident_exit[tokens].amax(-1).amax(-1) >= 0.5  # the gate: the level's most confident node
+    q2 = torch.where(confident[:, None, None], confident_exit[tokens], last_exit[tokens])
+    buffers.best(buffers.add_children(q2.log(), frontier, top_k), top_k)
+    draft, _ = buffers.select(5, top_k)
+    from hf_specdec.verify import verify
+
+    processed = torch.cat([p1.expand(rows, 1, -1), torch.full((rows, draft.num_nodes, vocab), 1 / vocab)], 1).log()
+    verdict = verify(processed, draft, do_sample=True)
+    first_node = draft.tokens.gather(1, verdict.path[:, :1].clamp(min=0))[:, 0]
+    first = torch.where(verdict.num_accepted >= 1, first_node, verdict.next_token)
+    assert (worst_z(first, p1) > 4.5) == biased

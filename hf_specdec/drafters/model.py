@@ -31,6 +31,9 @@ class ModelDrafter(Drafter):
     replacement and verified by recursive rejection (`hf_specdec.drafters.trees`).
     """
 
+    #: True when a tree node's draft distribution depends on other frontier nodes than its ancestors
+    distributions_read_the_frontier = False
+
     def __init__(self, model, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
         super().__init__(num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)
         if not hasattr(model, "config") or not callable(model):
@@ -159,8 +162,10 @@ class ModelDrafter(Drafter):
         if sampled:
             if self.sibling_acceptance is None or len(self.sibling_acceptance.tried) != tree.top_k:
                 self.sibling_acceptance = SiblingAcceptance(tree.top_k, device)
+            self.sibling_acceptance.to(device)
             buffers = SampledCandidates(batch_size, self.round_capacity, depth_limit, device, tree.coverage,
-                                        self.sibling_acceptance.log_reach_by_rank())
+                                        self.sibling_acceptance.log_reach_by_rank(),
+                                        level_major=self.distributions_read_the_frontier)
         else:
             buffers = TopKCandidates(batch_size, self.round_capacity, depth_limit, device)
 

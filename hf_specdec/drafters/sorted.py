@@ -41,6 +41,8 @@ class SortedDrafter(ModelDrafter):
             no KV copies). See README for the measured trade-off.
     """
 
+    distributions_read_the_frontier = True  # the exit gate takes the most confident node of the whole level
+
     def __init__(self, model, exits, thresholds=None, num_draft_tokens: int = 5, schedule: str = "constant",
                  tree: TreeConfig | None = None, deep_rows: str = "needing"):
         super().__init__(model, num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)

@@ -41,7 +41,7 @@ The first-drawn child of the first-drawn path (the spine) is always kept: the sp
 sampled chain of `depth` tokens and its first child at every node is accepted exactly as the chain's token would
 be, so the tree accepts at least what the chain it contains would (given `max_nodes >= depth`; for model and
 guided drafters — a sorted drafter picks its exit per level over the whole frontier, so its spine may be drafted
-by another exit than its chain would be).
+by another exit than its chain would be, and its nodes are ranked level by level, see `level_major`).
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ class TopKCandidates:
                      probs=probs, max_depth=self.paths.shape[-1], max_children=top_k)
 
 
+LEVEL_GAP = 1e4  # larger than any |log reach| (at most depth * top_k * log(100)): depth dominates the key
+
+
 class SiblingAcceptance:
     """How often a sampled tree's sibling of each draw rank is accepted once the walk tries it (all earlier
     siblings refused), counted on the device from the verifier's paths with a prior of a few pseudo-rounds.
@@ -150,6 +153,10 @@ class SiblingAcceptance:
         prior[0] = self.PRIOR[0]
         self.tried = torch.full((top_k,), self.PRIOR_ROUNDS, device=device)
         self.accepted = prior * self.PRIOR_ROUNDS
+
+    def to(self, device) -> SiblingAcceptance:
+        self.tried, self.accepted = self.tried.to(device), self.accepted.to(device)
+        return self
 
     def log_reach_by_rank(self) -> torch.Tensor:
         """[top_k] log P(the walk reaches and accepts a node's sibling of rank j | it reached the node),
@@ -181,9 +188,13 @@ class SampledCandidates(TopKCandidates):
     exactly the target's distribution)."""
 
     def __init__(self, batch_size: int, capacity: int, max_depth: int, device, coverage: float,
-                 log_reach_by_rank: torch.Tensor):
+                 log_reach_by_rank: torch.Tensor, level_major: bool = False):
         super().__init__(batch_size, capacity, max_depth, device)
         self.coverage = coverage
+        # a drafter whose q at a node reads the whole frontier above it (a sorted drafter's exit gate), not only the
+        # node's path, must rank nodes level by level: then every node ranked above sibling j has its candidacy
+        # decided by shallower levels only, never by sibling j's token
+        self.level_major = level_major
         self.log_reach_by_rank = log_reach_by_rank.to(device)
         self.reach = torch.full((batch_size, capacity), float("-inf"), device=device)  # log, from ranks only
         self.spine = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
@@ -218,8 +229,12 @@ class SampledCandidates(TopKCandidates):
         self.candidate[:, ids] = candidate.reshape(batch_size, -1)
 
     def _key(self, ids: torch.Tensor) -> torch.Tensor:
-        """Budget order: the spine first (it is the chain the tree contains), then by reach; ties by id."""
-        return torch.where(self.spine.gather(1, ids), float("inf"), self.reach.gather(1, ids))
+        """Budget order: the spine first (it is the chain the tree contains), then by reach (level by level when
+        `level_major`); ties by id."""
+        reach = self.reach.gather(1, ids)
+        if self.level_major:
+            reach = reach - LEVEL_GAP * self.depth.gather(1, ids).to(reach.dtype)
+        return torch.where(self.spine.gather(1, ids), float("inf"), reach)
 
     def best(self, ids: torch.Tensor, count: int) -> torch.Tensor:
         """The next frontier: the `count` children most likely to be reached (the same nodes whatever was drawn)."""
