@@ -4,14 +4,16 @@
     from hf_specdec import ModelDrafter
     out = target.generate(**batch, assistant_model=ModelDrafter(draft), max_new_tokens=128)
 
-Drafters: ModelDrafter (chains, EAGLE-2 trees), NGramDrafter, SortedDrafter (SD2 exits), GuidedDrafter (SD² steering).
+Drafters: ModelDrafter (chains, EAGLE-2 trees), NGramDrafter, SortedDrafter (SD2 exits), GuidedDrafter (SD² steering),
+RoutedDrafter (a drafter per row, chosen by a router and an online policy).
 """
 
 from . import integration
 from .draft import Draft
-from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
+from .drafters import DecodingState, Drafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 from .engine import SpeculativeGenerateOutput, speculative_generate
 from .guided import GuidedDrafter, GuidedDrafterConfig  # also registers the Auto classes
+from .routing.policy import OnlinePolicy
 from .stats import SpecStats
 
 __version__ = "0.1.0"
@@ -26,6 +28,8 @@ __all__ = [
     "GuidedDrafterConfig",
     "ModelDrafter",
     "NGramDrafter",
+    "OnlinePolicy",
+    "RoutedDrafter",
     "SortedDrafter",
     "SpecStats",
     "SpeculativeGenerateOutput",

@@ -146,10 +146,11 @@ class SlotCache:
         self.host_length = min(self.host_length, text_length + self.max_round_nodes + 1)
 
     # ------------------------------------------------------------------ forwards
-    def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int | None = None, **model_kwargs):
+    def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int | None = None, on_chunk=None,
+                **model_kwargs):
         """The prompt (left-padded, `valid` marks real tokens), in chunks of `chunk_size` if given. A whole model
         runs its own causal path, as plain generate() does; a segment of layers (a custom `run`) takes the
-        committed path."""
+        committed path. `on_chunk(outputs, valid)` sees every chunk's outputs (the last one is returned)."""
         if self.run != self._run_model:
             return self.forward_committed(input_ids, valid, **model_kwargs)
         input_ids, valid = input_ids.to(self.device), valid.to(self.device)
@@ -163,6 +164,8 @@ class SlotCache:
             outputs = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
                                  attention_mask=None if mask is None else mask[:, :end], use_cache=True,
                                  **{cache_argument(self.model): scratch}, **model_kwargs)
+            if on_chunk is not None:
+                on_chunk(outputs, valid[:, start:end])
         for index, layer in enumerate(scratch.layers):
             slots = self.cache.layer(index)
             if not slots.is_initialized:

@@ -30,6 +30,7 @@ from .drafters.base import DecodingState, Drafter
 from .options import check_generate_options
 from .schedule import CHECK_EVERY
 from .processors import BatchText, TreePrefixes, apply_processors
+from .routing.features import PooledPrompt
 from .stats import PHASES, PhaseClock, SpecStats, profiled_phases  # noqa: F401  (PHASES, profiled_phases: re-exported)
 from .verify import verify
 
@@ -122,6 +123,9 @@ class _Run:
         # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
         self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
         self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
+        # routers read the prompt: the prefill's states at this layer, pooled over each prompt's real tokens
+        self.feature_layer = getattr(drafter, "prompt_feature_layer", None)
+        self.prompt_features = None
 
     # ------------------------------------------------------------------ the loop
     def generate(self, num_draft_tokens: int | None):
@@ -155,10 +159,17 @@ class _Run:
 
     def _prefill(self):
         rows = self.active
+        pooled = None if self.feature_layer is None else PooledPrompt(self.feature_layer)
+        layers = self.hidden_layers + ([] if pooled is None else [self.feature_layer])
         with self.clock("prefill"):
             outputs = self.target.prefill(self.sequences[rows, : self.prompt_length],
                                           self.token_mask[rows, : self.prompt_length], logits_to_keep=1,
-                                          chunk_size=self.config.prefill_chunk_size, **self._hidden_request())
+                                          chunk_size=self.config.prefill_chunk_size,
+                                          on_chunk=None if pooled is None else (
+                                              lambda chunk, valid: pooled.add(chunk.hidden_states, valid)),
+                                          **(hidden_states_request(layers) if layers else {}))
+            if pooled is not None:
+                self.prompt_features = pooled.features()
             logits = outputs.logits[:, -1:].float().to(self.device)
             self._keep_hidden(outputs, torch.full((len(rows),), -1, device=self.device))
             processed = apply_processors(self.processors, logits, self._state().root_prefixes())
@@ -330,6 +341,7 @@ class _Run:
             host_text_length=self.host_text_length,
             clock=self.clock,
             compile_config=self.compile_config,
+            prompt_features=self.prompt_features,
         )
 
     def _append(self, tokens, counts, sources, drafted=None):
@@ -415,6 +427,7 @@ class _Run:
         stats.target_forwards = self.target_forwards
         stats.draft_forwards = getattr(self.drafter, "forward_count", 0)
         stats.exit_counts = dict(getattr(self.drafter, "exit_counts", {}))
+        stats.per_drafter = self.drafter.per_drafter_stats() if hasattr(self.drafter, "per_drafter_stats") else {}
         stats.new_tokens = (self.lengths - self.prompt_length).cpu()
         self.drafter.last_stats = stats
 

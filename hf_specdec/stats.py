@@ -92,6 +92,8 @@ class SpecStats:
     exit_counts: dict[int, int] = field(default_factory=dict)  # sorted drafters: drafted tokens per exit layer
     # rounds by number of accepted draft tokens: accepted_length_counts[k] = rounds (over all rows) that accepted k
     accepted_length_counts: list[int] = field(default_factory=list)
+    # routed drafters: {drafter name: {"rows", "rounds", "drafted", "accepted", "alpha", "tau"}} (see RoutedDrafter)
+    per_drafter: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, batch_size: int, device: torch.device | str = "cpu") -> SpecStats:
@@ -173,6 +175,7 @@ class SpecStats:
             "wall_seconds": self.wall_seconds,
             "accepted_length_counts": list(self.accepted_length_counts),
             **({"exit_counts": dict(self.exit_counts)} if self.exit_counts else {}),
+            **({"per_drafter": dict(self.per_drafter)} if self.per_drafter else {}),
         }
 
 

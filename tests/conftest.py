@@ -98,3 +98,30 @@ def llama_pair():
 def pytest_addoption(parser):
     parser.addoption("--fuzz-cases", type=int, default=200, help="number of differential fuzz cases (tests/test_fuzz.py)")
     parser.addoption("--fuzz-start", type=int, default=0, help="first fuzz case number")
+
+
+class SplitRouter:
+    """A stand-in for a trained DrafterRouter: rows whose pooled prompt feature 0 is above the batch median go to
+    the second drafter, the others to the first (so a batch mixes drafters)."""
+
+    def __init__(self, names=("a", "b"), feature_layer=1):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(drafter_names=list(names), feature_layer=feature_layer)
+
+    def predict(self, features):
+        high = (features[:, 0] > features[:, 0].median()).float()
+        return torch.stack([3.0 - high, 2.0 + high], dim=1)
+
+
+def rotating_routed_drafter(drafters, include_no_draft=True):
+    """A RoutedDrafter whose rows move to the next drafter (and through "no drafting") every round: switching as
+    often as possible, to test that every drafter's cache stays in step and the output stays exact."""
+    from hf_specdec import OnlinePolicy, RoutedDrafter
+
+    class Rotating(RoutedDrafter):
+        def _reconsider(self):
+            arms = len(self.drafters) + (1 if include_no_draft else 0)
+            self._assign((self.assignment + 1) % arms, self.row_counts.device)
+
+    return Rotating(drafters, policy=OnlinePolicy(check_every=1))

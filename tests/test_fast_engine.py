@@ -3,7 +3,7 @@ steady-state round reads nothing back from the device but the running-row count.
 
 import pytest
 import torch
-from conftest import left_padded_batch, perturbed_copy, tiny_model
+from conftest import left_padded_batch, perturbed_copy, rotating_routed_drafter, tiny_model
 from transformers import CompileConfig
 
 from hf_specdec import ModelDrafter, NGramDrafter, TreeConfig
@@ -31,6 +31,20 @@ def test_compiled_greedy_equals_plain_for_chains_and_trees(pair):
             ours = target.generate(**batch, max_new_tokens=16, do_sample=False, assistant_model=drafter,
                                    compile_config=config)
             assert torch.equal(ours, plain)
+
+
+def test_compiled_routed_rows_switching_drafters_equal_plain(pair):
+    """Rows moving every round between a model drafter, n-gram lookup and no drafting, through captured forwards:
+    every draft is padded to the routed drafter's widest round, so the captured shapes never change."""
+    target, draft = pair
+    config = CompileConfig(fullgraph=False)
+    for seed in (1, 2):
+        batch = left_padded_batch(96, [7, 3, 9], seed=seed)
+        plain = target.generate(**batch, max_new_tokens=16, do_sample=False)
+        routed = rotating_routed_drafter({"a": ModelDrafter(draft, num_draft_tokens=4), "b": NGramDrafter(2, 3)})
+        ours = target.generate(**batch, max_new_tokens=16, do_sample=False, assistant_model=routed,
+                               compile_config=config)
+        assert torch.equal(ours, plain)
 
 
 def test_compiled_sampling_scores_are_plains(pair):

@@ -18,10 +18,10 @@ import random
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
+from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 from hf_specdec.testing import character_tokenizer, tiny_causal_lm
 
 VOCAB = 96
@@ -72,8 +72,9 @@ class Case:
         draw = random.Random(number)
         self.number = number
         self.arch = draw.choice(ARCHS)
-        self.kind = draw.choice(("model", "ngram", "sorted", "guided") if self.arch in LLAMA_STYLE
-                                else ("model", "ngram"))
+        self.kind = draw.choice(("model", "ngram", "sorted", "guided", "routed") if self.arch in LLAMA_STYLE
+                                else ("model", "ngram", "routed"))
+        self.routing = draw.choice(("router", "rotating"))
         depth = draw.randint(1, 4)
         self.tree = TreeConfig(depth, top_k=2, max_nodes=draw.randint(1, min(6, 2 + (depth - 1) * 4))) \
             if draw.random() < 0.4 else None
@@ -117,6 +118,11 @@ class Case:
         return {name: choices[name]() for name in names}
 
     def drafter(self, target, draft):
+        if self.kind == "routed":  # a model drafter and n-gram lookup, rows split by a router or rotating each round
+            arms = {"a": ModelDrafter(draft, num_draft_tokens=self.num_draft_tokens, tree=self.tree),
+                    "b": NGramDrafter(max_ngram=2, num_draft_tokens=self.num_draft_tokens)}
+            return RoutedDrafter(arms, router=SplitRouter()) if self.routing == "router" else \
+                rotating_routed_drafter(arms)
         if self.kind == "ngram":
             if self.tree is not None:
                 return NGramDrafter(max_ngram=2, tree=TreeConfig(self.tree.depth, 2, self.tree.max_nodes))
@@ -144,7 +150,8 @@ class Case:
     def describe(self) -> str:
         options = {k: (v.__name__ if callable(v) and not isinstance(v, LogitsProcessorList) else v)
                    for k, v in self.options.items()}
-        return (f"case {self.number}: {self.arch}, {self.kind} {'tree ' + str(self.tree) if self.tree else 'chain'} "
+        kind = f"{self.kind} ({self.routing})" if self.kind == "routed" else self.kind
+        return (f"case {self.number}: {self.arch}, {kind} {'tree ' + str(self.tree) if self.tree else 'chain'} "
                 f"γ={self.num_draft_tokens}, prompt lengths {self.lengths}, {options}")
 
 
@@ -222,7 +229,8 @@ def test_the_fuzz_draws_every_dimension():
     """The case generator reaches every architecture, drafter, shape and decoding in CI's default size."""
     cases = [Case(number) for number in range(200)]
     assert {c.arch for c in cases} == set(ARCHS)
-    assert {c.kind for c in cases} == {"model", "ngram", "sorted", "guided"}
+    assert {c.kind for c in cases} == {"model", "ngram", "sorted", "guided", "routed"}
+    assert {c.routing for c in cases if c.kind == "routed"} == {"router", "rotating"}
     assert {c.tree is None for c in cases} == {True, False} and {c.do_sample for c in cases} == {True, False}
     assert any(len(c.lengths) > 1 and len(set(c.lengths)) > 1 for c in cases)
     assert any(c.options.get("num_return_sequences") == 2 for c in cases)

@@ -10,9 +10,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, tiny_model
 
-from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, SortedDrafter, TreeConfig
+from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 
 VOCAB, NEW_TOKENS, SAMPLES = 8, 4, 20_000
 PROMPTS = [[3, 5, 3, 6, 3, 5], [4, 7, 4]]  # repetitive, so n-gram lookup proposes drafts too
@@ -113,6 +113,13 @@ def drafter_for(kind, target):
         "sorted-tree": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], tree=TreeConfig(3, 2, 6)),
         "guided-chain": lambda: guided(target, draft).as_drafter(num_draft_tokens=3),
         "guided-tree": lambda: guided(target, draft).as_drafter(tree=TreeConfig(3, 2, 6)),
+        # the two prompts' rows drafted by different drafters (a sampled chain, n-gram tries with one-hot q) ...
+        "routed-split": lambda: RoutedDrafter({"a": ModelDrafter(draft, num_draft_tokens=3),
+                                              "b": NGramDrafter(2, tree=TreeConfig(3, 2, 6))}, router=SplitRouter()),
+        # ... and rows moving every round between a sampled tree, a sorted chain and no drafting
+        "routed-rotating": lambda: rotating_routed_drafter({
+            "a": ModelDrafter(draft, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
+            "b": SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], num_draft_tokens=3)}),
     }[kind]()
 
 
@@ -139,7 +146,8 @@ CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting i
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
                                                                             "no-repeat-ngram")] + [
     (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree")
-    for setting in ("temperature", "top-p")]
+    for setting in ("temperature", "top-p")] + [
+    (kind, setting) for kind in ("routed-split", "routed-rotating") for setting in ("temperature", "top-k")]
 
 
 @pytest.mark.parametrize("kind,setting", CASES)

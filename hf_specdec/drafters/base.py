@@ -81,6 +81,7 @@ class DecodingState:
     host_text_length: int = 0  # an upper bound of lengths.max(), known on the host
     clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`
     compile_config: object = None  # a transformers CompileConfig: capture fixed-shape forwards with torch.compile
+    prompt_features: torch.Tensor | None = None  # [B, H] prefill states at `prompt_feature_layer`, pooled per prompt
 
     def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
         """Per-position prefixes (committed text + `paths`) for applying the logits processors."""
@@ -109,6 +110,9 @@ class Drafter(ABC):
 
     #: target layers whose hidden states the drafter needs from every verify forward (guided drafters)
     target_hidden_layers: tuple[int, ...] = ()
+    #: a `hidden_states` index the engine mean-pools over each prompt's real tokens at prefill into
+    #: `state.prompt_features` (routers read the prompt from the target's own prefill)
+    prompt_feature_layer: int | None = None
 
     def __init__(self, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
         if num_draft_tokens < 1:
@@ -157,6 +161,11 @@ class Drafter(ABC):
         """Every row drafts `length` tokens next round (0: no drafting at all); used by schedule="auto"."""
         self.round_length = length
         self._row_draft_tokens.fill_(length)
+
+    def fall_behind(self, tokens: int) -> None:
+        """Some rows' committed text may grow by up to `tokens` tokens that `accept()` does not show this drafter
+        (another drafter drafted them, or the target decoded alone); a drafter with a cache of the text widens its
+        next catch-up by that much. Stateless drafters ignore it."""
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self._row_draft_tokens = self._row_draft_tokens[rows.cpu()]

@@ -66,7 +66,7 @@ class ModelDrafter(Drafter):
         prompt = state.prompt_length
         self._prefill(state.sequences[:, :prompt], state.token_mask[:, :prompt])
         self.fed = torch.full((batch_size,), prompt, dtype=torch.long, device=state.lengths.device)
-        self.rounds_behind = 0  # rounds without drafting (schedule="auto" chose 0): each adds a pending token
+        self.tokens_behind = 0  # extra pending tokens possible beyond a drafted round's two (see fall_behind)
         self.forward_count = 0
 
     def _round_capacity(self) -> int:
@@ -83,6 +83,9 @@ class ModelDrafter(Drafter):
         with self.clock("draft_forward"):
             self.cache.prefill(self._embeddable(tokens), valid, logits_to_keep=1, **self._model_inputs())
         self.forward_count += 1
+
+    def fall_behind(self, tokens: int) -> None:
+        self.tokens_behind += tokens
 
     def select_rows(self, rows: torch.Tensor) -> None:
         super().select_rows(rows)
@@ -103,9 +106,9 @@ class ModelDrafter(Drafter):
     def _pending_committed(self, state: DecodingState):
         """The committed tokens the drafter has not seen yet, right-aligned: [B, W] + mask, W a multiple of
         PENDING_WIDTH. After a drafted round at most two are pending (the bonus token, and the last accepted draft
-        token when it was a leaf, never fed); every round without drafting adds one."""
-        width = PENDING_WIDTH * (1 + -(-self.rounds_behind // PENDING_WIDTH))
-        self.rounds_behind = 0
+        token when it was a leaf, never fed); `fall_behind` adds what the drafter was not shown."""
+        width = PENDING_WIDTH * (1 + -(-self.tokens_behind // PENDING_WIDTH))
+        self.tokens_behind = 0
         pending = state.lengths - self.fed
         steps = torch.arange(width, device=pending.device)
         columns = state.lengths[:, None] - width + steps
@@ -134,7 +137,7 @@ class ModelDrafter(Drafter):
         steps = self.chain_steps()
         batch_size = state.sequences.shape[0]
         if steps == 0:  # schedule="auto" found that drafting does not pay now
-            self.rounds_behind += 1
+            self.fall_behind(1)  # the target alone adds one token this round
             return Draft.empty(batch_size, state.sequences.device)
         scores = self._root_scores(state)
         tokens, probs = [], []
