@@ -150,3 +150,34 @@ def test_bad_configurations_are_refused(pair):
         RoutedDrafter({"none": ModelDrafter(draft)})
     with pytest.raises(ValueError, match="has no"):
         RoutedDrafter({"a": ModelDrafter(draft)}, router=SplitRouter(names=("a", "c")))
+
+
+def test_suite_routing_experiments_on_a_lab_layout(tmp_path):
+    """specialized_drafts and adaptive_routing rows (offline router, router + policy, policy alone, oracle) on a
+    lab-style folder with a routing folder beside it; every greedy row equals plain."""
+    from hf_specdec import testing
+    from hf_specdec.bench import SuiteConfig, run_suite
+    from hf_specdec.routing import train_router
+
+    target = testing.tiny_causal_lm("llama", vocab_size=512, num_layers=3, seed=0)
+    target.save_pretrained(tmp_path / "lab" / "target")
+    for name, seed in (("code", 1), ("prose", 2)):
+        testing.tiny_causal_lm("llama", vocab_size=512, num_layers=1, seed=seed).save_pretrained(
+            tmp_path / "lab" / "drafters" / name)
+    router = train_router(torch.randn(8, target.config.hidden_size), torch.rand(8, 3) + 1, feature_layer=2,
+                          drafter_names=["code", "prose", "lookup"], epochs=5)
+    router.save_pretrained(tmp_path / "routing" / "router")
+    (tmp_path / "routing" / "routing.json").write_text(json.dumps({"router": "router", "drafters": {
+        "code": {"kind": "checkpoint", "path": "../lab/drafters/code"},
+        "prose": {"kind": "checkpoint", "path": "../lab/drafters/prose"}, "lookup": {"kind": "ngram"}}}))
+    config = SuiteConfig.quick(lab=str(tmp_path / "lab"), routing=str(tmp_path / "routing"), prompts=("qa", "code"),
+                               experiments=("plain", "specialized_drafts", "adaptive_routing"), max_new_tokens=8)
+    (pair,) = run_suite(config, show_progress=False)["pairs"]
+    rows = {row["name"]: row for row in pair["rows"]}
+    assert set(rows) == {"plain", "specialized_drafts[code]", "specialized_drafts[prose]", "specialized_drafts[lookup]",
+                         "routed (offline router)", "routed (router + online policy)", "routed (online policy alone)",
+                         "oracle (best drafter per prompt)"}
+    assert all(row["overall"]["equal_to_plain"] for name, row in rows.items() if name != "plain")
+    singles = [rows[f"specialized_drafts[{name}]"]["overall"]["mean_accepted_length"] for name in ("code", "prose", "lookup")]
+    assert rows["oracle (best drafter per prompt)"]["overall"]["mean_accepted_length"] >= min(singles)
+    assert set(rows["oracle (best drafter per prompt)"]["categories"]) == {"qa", "code"}

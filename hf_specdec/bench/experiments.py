@@ -14,6 +14,11 @@
     batch-sweep  plain and the first drafter's chains at each of `batch_sizes` (greedy; throughput vs batch)
     sorted       SD2 self-speculation on the target's own first layers (`sorted_exits`): each exit, adaptive,
                  chain and tree
+    specialized_drafts  each drafter of `routing` (every drafter without it) on every prompt category (chains,
+                 batch 1; read the by-category tables)
+    adaptive_routing  a RoutedDrafter over `routing`'s drafters (a `recipes/route.py` output): its offline router,
+                 router + online policy, the online policy alone, and the oracle (each prompt's best single drafter,
+                 by τ, from the specialized_drafts rows; batch 1)
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ from dataclasses import dataclass
 import torch
 from transformers import CompileConfig
 
-from ..drafters import NGramDrafter, SortedDrafter
+from ..drafters import NGramDrafter, RoutedDrafter, SortedDrafter
+from ..drafters.routed import ngram_arm, read_routing
+from ..routing.policy import OnlinePolicy
 from .pairs import Pair
 
 EXPERIMENTS = ("plain", "plain-compiled", "assisted", "chain", "compiled", "auto", "tree", "tree-top-k", "ngram",
-               "gamma-sweep", "batch-sweep", "sorted")
+               "gamma-sweep", "batch-sweep", "sorted", "specialized_drafts", "adaptive_routing")
 # `hf-specdec bench` without flags: the headline rows, about 5 minutes on a 2-core CPU
 HEADLINE_EXPERIMENTS = ("plain", "assisted", "chain", "auto")
-# `--full`: every experiment but the sorted drafters (those need --sorted-exits)
-FULL_EXPERIMENTS = tuple(name for name in EXPERIMENTS if name != "sorted")
+# `--full`: every experiment but the sorted drafters (those need --sorted-exits) and routing (needs --routing)
+FULL_EXPERIMENTS = tuple(name for name in EXPERIMENTS if name not in ("sorted", "specialized_drafts",
+                                                                        "adaptive_routing"))
+ORACLE_LABEL = "oracle (best drafter per prompt)"
 
 
 @dataclass
@@ -164,6 +173,8 @@ def build_methods(config, pair: Pair) -> list[Method]:
                         for length in config.draft_lengths]
         if "sorted" in wanted and config.sorted_exits:
             methods += sorted_methods(config, target, speculative, decoding)
+        if wanted & {"specialized_drafts", "adaptive_routing"}:
+            methods += routing_methods(config, pair, speculative, drafter_method, decoding)
     if "batch-sweep" in wanted:
         for size in config.batch_sizes:
             if size > 1:
@@ -171,6 +182,64 @@ def build_methods(config, pair: Pair) -> list[Method]:
                 if primary is not None:
                     methods.append(drafter_method("chain", primary, "greedy", batch_size=size))
     return methods
+
+
+def routing_methods(config, pair: Pair, speculative, drafter_method, decoding: str) -> list[Method]:
+    """specialized_drafts rows (each routed drafter alone) and, for adaptive_routing, the routed rows."""
+    gamma = config.num_draft_tokens
+    routing = read_routing(config.routing) if config.routing else None
+    specs = {spec.name: spec for spec in pair.drafters}
+    entries = routing["drafters"] if routing else {name: {"kind": "checkpoint"} for name in specs}
+    if missing := [name for name, entry in entries.items() if entry["kind"] != "ngram" and name not in specs]:
+        raise ValueError(f"{config.routing} routes among {missing}, which the benchmark's pair does not have: pass "
+                         "the lab (or --drafter NAME=PATH) that holds them.")
+
+    def arms() -> dict:
+        return {name: ngram_arm(entry, gamma) if entry["kind"] == "ngram" else specs[name].make(gamma)
+                for name, entry in entries.items()}
+
+    rows = []
+    for name, entry in entries.items():
+        if entry["kind"] == "ngram":
+            make = speculative(lambda entry=entry: ngram_arm(entry, gamma), decoding)
+            rows.append(Method("specialized_drafts", decoding, make, drafter=name, num_draft_tokens=gamma))
+        else:
+            rows.append(drafter_method("specialized_drafts", specs[name], decoding))
+    if "adaptive_routing" not in config.experiments:
+        return rows
+    if routing is None or routing["router"] is None:
+        raise ValueError("adaptive_routing needs a trained router: pass --routing DIR (a recipes/route.py output).")
+    router = routing["router"]
+    for label, make in (
+        ("routed (offline router)", lambda: RoutedDrafter(arms(), router=router)),
+        ("routed (router + online policy)", lambda: RoutedDrafter(arms(), router=router, policy=OnlinePolicy())),
+        ("routed (online policy alone)", lambda: RoutedDrafter(arms(), policy=OnlinePolicy())),
+    ):
+        rows.append(Method("adaptive_routing", decoding, speculative(make, decoding), num_draft_tokens=gamma,
+                           label=label))
+    return rows
+
+
+def add_oracle_rows(methods: list[Method], runs: dict) -> None:
+    """adaptive_routing's oracle: for every prompt (batch 1) the specialized_drafts run with the highest τ, as if a
+    perfect router had picked that drafter. Its runs are those runs, so wall times and outputs are real."""
+    if not any(method.experiment == "adaptive_routing" for method in methods):
+        return
+    for decoding in list(dict.fromkeys(method.decoding for method in methods)):
+        singles = [m for m in methods if m.experiment == "specialized_drafts" and m.decoding == decoding]
+        if not singles:
+            continue
+        first = [runs[m.key][0] for m in singles]
+        best = [max(range(len(singles)), key=lambda k: _tau(first[k][i])) for i in range(len(first[0]))]
+        repeats = min(len(runs[m.key]) for m in singles)
+        oracle = Method("adaptive_routing", decoding, generate=None, num_draft_tokens=singles[0].num_draft_tokens,
+                        label=ORACLE_LABEL)
+        runs[oracle.key] = [[runs[singles[k].key][r][i] for i, k in enumerate(best)] for r in range(repeats)]
+        methods.append(oracle)
+
+
+def _tau(run) -> float:
+    return (run.accepted + run.rounds) / max(run.rounds, 1)
 
 
 def sorted_methods(config, target, speculative, decoding: str) -> list[Method]:

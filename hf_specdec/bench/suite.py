@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from .. import testing
 from ..drafters import TreeConfig, lab_checkpoints
 from ..stats import add_counts
-from .experiments import EXPERIMENTS, FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS, Method, build_methods
+from .experiments import EXPERIMENTS, FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS, Method, add_oracle_rows, build_methods
 from .measure import (
     DTYPES,
     ForwardMeter,
@@ -70,6 +70,7 @@ class SuiteConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
     sorted_exits: tuple[int, ...] = ()
     sorted_thresholds: tuple[float, ...] = ()
+    routing: str | None = None  # a recipes/route.py output (routing.json + router): specialized_drafts, adaptive_routing
     pair_shape: dict = field(default_factory=lambda: dict(testing.DEFAULT_PAIR_SHAPE))
 
     @classmethod
@@ -96,6 +97,8 @@ class SuiteConfig:
                              "drafter: pass --draft (or --drafter NAME=PATH), or run only plain/ngram/sorted.")
         if unknown := set(self.experiments) - set(EXPERIMENTS):
             raise ValueError(f"Unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}.")
+        if "adaptive_routing" in self.experiments and not self.routing:
+            raise ValueError("The adaptive_routing experiment needs --routing DIR (a recipes/route.py output).")
         if "sorted" in self.experiments and not self.sorted_exits:
             raise ValueError("The sorted experiment needs --sorted-exits (e.g. 1,2,4).")
         if bad := set(self.decodings) - {"greedy", "sample"}:
@@ -189,6 +192,7 @@ def bench_pair(config: SuiteConfig, pair: Pair, prompts: list[Prompt], show_prog
             runs[method.key].append(time_method(method, batches[method.batch_size], config, pair, eos))
             progress.update()
     progress.close()
+    add_oracle_rows(methods, runs)
     costs = _step_costs(methods, pair.target)
     rows = [summarize_method(method, methods, runs, prompts, costs) for method in methods]
     for method, row in zip(methods, rows):

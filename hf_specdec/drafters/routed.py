@@ -70,30 +70,17 @@ class RoutedDrafter(Drafter):
         """A routed drafter from a folder holding `routing.json` (as `recipes/route.py` writes it) and its router:
         `{"drafters": {name: {"kind": "checkpoint", "path": ...} | {"kind": "ngram", ...}}, "router": "router"}`
         (paths relative to the folder). `model_kwargs` (dtype, ...) go to every `from_pretrained`."""
-        from ..routing import DrafterRouter
         from .loading import load_drafter
-        from .ngram import NGramDrafter
 
-        root = Path(directory)
-        if not (root / ROUTING_FILE).is_file():
-            raise ValueError(f"{directory} has no {ROUTING_FILE}; write one with `python recipes/route.py` (it "
-                             "lists the drafters and the router).")
-        spec = json.loads((root / ROUTING_FILE).read_text())
+        routing = read_routing(directory)
         drafters = {}
-        for name, entry in spec["drafters"].items():
-            entry = dict(entry)
-            kind = entry.pop("kind", "checkpoint")
-            if kind == "ngram":
-                drafters[name] = NGramDrafter(num_draft_tokens=num_draft_tokens, tree=tree, **entry)
-            elif kind == "checkpoint":
-                path = Path(entry["path"])
-                drafters[name] = load_drafter(str(path if path.is_absolute() else root / path),
-                                              num_draft_tokens=num_draft_tokens, tree=tree, **model_kwargs)
+        for name, entry in routing["drafters"].items():
+            if entry["kind"] == "ngram":
+                drafters[name] = ngram_arm(entry, num_draft_tokens, tree)
             else:
-                raise ValueError(f"{root / ROUTING_FILE}: drafter {name!r} has kind {kind!r}; expected "
-                                 "'checkpoint' or 'ngram'.")
-        router = None if not spec.get("router") else DrafterRouter.from_pretrained(str(root / spec["router"]))
-        return cls(drafters, router=router, policy=policy, default=spec.get("default"))
+                drafters[name] = load_drafter(entry["path"], num_draft_tokens=num_draft_tokens, tree=tree,
+                                              **model_kwargs)
+        return cls(drafters, router=routing["router"], policy=policy, default=routing["default"])
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
@@ -257,6 +244,37 @@ class RoutedDrafter(Drafter):
         if self.bandits is not None:
             stats["switches"] = self.bandits.switches
         return stats
+
+
+def read_routing(directory) -> dict:
+    """`routing.json` of a routed-drafter folder: {"drafters": {name: entry with "kind" and, for checkpoints, an
+    absolute "path"}, "router": the loaded DrafterRouter or None, "default": a drafter name or None}."""
+    from ..routing import DrafterRouter
+
+    root = Path(directory)
+    if not (root / ROUTING_FILE).is_file():
+        raise ValueError(f"{directory} has no {ROUTING_FILE}; write one with `python recipes/route.py` (it lists "
+                         "the drafters and the router).")
+    spec = json.loads((root / ROUTING_FILE).read_text())
+    drafters = {}
+    for name, entry in spec["drafters"].items():
+        entry = {"kind": "checkpoint", **entry}
+        if entry["kind"] == "checkpoint":
+            path = Path(entry["path"])
+            entry["path"] = str(path if path.is_absolute() else (root / path).resolve())
+        elif entry["kind"] != "ngram":
+            raise ValueError(f"{root / ROUTING_FILE}: drafter {name!r} has kind {entry['kind']!r}; expected "
+                             "'checkpoint' or 'ngram'.")
+        drafters[name] = entry
+    router = DrafterRouter.from_pretrained(str(root / spec["router"])) if spec.get("router") else None
+    return {"drafters": drafters, "router": router, "default": spec.get("default")}
+
+
+def ngram_arm(entry: dict, num_draft_tokens: int, tree: TreeConfig | None = None) -> Drafter:
+    from .ngram import NGramDrafter
+
+    options = {key: value for key, value in entry.items() if key != "kind"}
+    return NGramDrafter(num_draft_tokens=num_draft_tokens, tree=tree, **options)
 
 
 def merge_drafts(drafts: dict[int, Draft], assignment: torch.Tensor, batch_size: int, vocab_size: int,
