@@ -1,4 +1,4 @@
-"""`hf-specdec` command line: `hf-specdec bench [options]`, `hf-specdec demo [options]` (also `python -m hf_specdec ...`)."""
+"""`hf-specdec` command line: `hf-specdec bench|demo|generate [options]` (also `python -m hf_specdec ...`)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     else:
         add_demo_arguments(demo)
+    from .generate_cli import add_generate_arguments
+
+    add_generate_arguments(commands.add_parser(
+        "generate",
+        help="speculative decoding of one prompt, streamed to the terminal with accepted draft tokens coloured",
+        description="Generate from --prompt (or stdin) with a target and a drafter, streaming the text; accepted "
+        "draft tokens are coloured on a terminal. A statistics line (tokens/s, α, τ, rounds) goes to stderr. "
+        "Default pair: the benchmark's synthetic pair, built locally (its output is token ids, not prose); --lab "
+        "uses a recipes/lab.py output; --target/--draft any Hub or local models.",
+    ))
     return parser
 
 
@@ -64,6 +74,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     pair.add_argument("--drafter", action="append", type=_drafter_pair, metavar="NAME=PATH",
                       help="add a named drafter checkpoint (plain, sorted or guided; repeatable)")
     pair.add_argument("--lab", help="a recipes/lab.py output dir: its target and every drafter it trained")
+    pair.add_argument("--routing", help="a recipes/route.py output dir (routing.json + router): the drafters and "
+                      "router of the specialized_drafts and adaptive_routing experiments")
     pair.add_argument("--agreement", nargs="+", type=_numbers(float), help="synthetic pair agreement rates [0.9]")
     pair.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype [float32]")
     pair.add_argument("--device", help="cpu, cuda, cuda:1, ... [cpu]")
@@ -120,6 +132,8 @@ def suite_config_from_args(args: argparse.Namespace):
     if args.draft is not None:
         drafters = {"draft": args.draft, **drafters}
     experiments = _flatten(args.experiments)
+    if args.routing and experiments is None:
+        experiments = ("plain", "specialized_drafts", "adaptive_routing")
     if args.sorted_exits and experiments is None:
         from .bench import FULL_EXPERIMENTS, HEADLINE_EXPERIMENTS
 
@@ -133,7 +147,7 @@ def suite_config_from_args(args: argparse.Namespace):
         draft_lengths=_flatten(args.draft_lengths), batch_sizes=_flatten(args.batch_sizes), tree=args.tree,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         threads=args.threads, sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,
-        pair_shape=_pair_shape(args.pair_shape),
+        pair_shape=_pair_shape(args.pair_shape), routing=args.routing,
     )
     given = {name: value for name, value in given.items() if value is not None}
     if args.quick:
@@ -178,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f'hf-specdec demo needs the demo extra: pip install "hf-specdec[demo]" ({error})', file=sys.stderr)
             return 2
         return run_demo_command(args)
+    if args.command == "generate":
+        from .generate_cli import run_generate_command
+
+        return run_generate_command(args)
     return 2
 
 
