@@ -58,6 +58,10 @@ class RoutedDrafter(Drafter):
         self.router, self.policy = router, policy
         self.default = self.names.index(default) if default is not None else 0
         self.router_arms = _router_arms(router, self.names)
+        if router is not None and policy is not None and getattr(router.config, "objective", "tau") != "tau":
+            raise ValueError(f"The online policy weighs drafters by τ, but this router predicts "
+                             f"{router.config.objective}; train the router with objective='tau' to combine them, or "
+                             "drop the policy.")
         self.prompt_feature_layer = None if router is None else int(router.config.feature_layer)
         self.target_hidden_layers = tuple(sorted({layer for drafter in self.drafters
                                                   for layer in drafter.target_hidden_layers}))
@@ -273,7 +277,7 @@ def read_routing(directory) -> dict:
 def ngram_arm(entry: dict, num_draft_tokens: int, tree: TreeConfig | None = None) -> Drafter:
     from .ngram import NGramDrafter
 
-    options = {key: value for key, value in entry.items() if key != "kind"}
+    options = {key: value for key, value in entry.items() if key not in ("kind", "num_draft_tokens", "tree")}
     return NGramDrafter(num_draft_tokens=num_draft_tokens, tree=tree, **options)
 
 
