@@ -42,7 +42,7 @@ HEADLINE_EXPERIMENTS = ("plain", "assisted", "chain", "auto")
 # `--full`: every experiment but the sorted drafters (those need --sorted-exits) and routing (needs --routing)
 FULL_EXPERIMENTS = tuple(name for name in EXPERIMENTS if name not in ("sorted", "specialized_drafts",
                                                                         "adaptive_routing"))
-ORACLE_LABEL = "oracle (best drafter per prompt)"
+ORACLE_LABEL = "oracle (best τ per prompt)"
 
 
 @dataclass

@@ -155,7 +155,9 @@ class Drafter(ABC):
             lengths = self._row_draft_tokens
             full = num_accepted.cpu() >= draft.valid.sum(-1).cpu()  # the one schedule that reads the device
             grown = (lengths + 2).clamp(max=heuristic_cap(self.draft_length))
-            self._row_draft_tokens = torch.where(full, grown, (lengths - 1).clamp(min=1))
+            drafted = state.budget.cpu() >= 0  # rows that finished (or that another drafter drafts) keep theirs
+            self._row_draft_tokens = torch.where(drafted, torch.where(full, grown, (lengths - 1).clamp(min=1)),
+                                                 lengths)
 
     def set_draft_length(self, length: int) -> None:
         """Every row drafts `length` tokens next round (0: no drafting at all); used by schedule="auto"."""

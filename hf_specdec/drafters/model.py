@@ -107,7 +107,9 @@ class ModelDrafter(Drafter):
         """The committed tokens the drafter has not seen yet, right-aligned: [B, W] + mask, W a multiple of
         PENDING_WIDTH. After a drafted round at most two are pending (the bonus token, and the last accepted draft
         token when it was a leaf, never fed); `fall_behind` adds what the drafter was not shown."""
-        width = PENDING_WIDTH * (1 + -(-self.tokens_behind // PENDING_WIDTH))
+        # nothing can be pending beyond what was generated (a drafter back after many skipped rounds)
+        behind = min(self.tokens_behind, state.host_text_length - state.prompt_length)
+        width = PENDING_WIDTH * (1 + -(-behind // PENDING_WIDTH))
         self.tokens_behind = 0
         pending = state.lengths - self.fed
         steps = torch.arange(width, device=pending.device)

@@ -92,11 +92,19 @@ class RoutedDrafter(Drafter):
         batch_size = state.sequences.shape[0]
         device = state.lengths.device
         prior = self._prior(target, state, num_draft_tokens)  # [B, K] predicted τ per drafter
-        choice = prior.argmax(-1) if self.router is not None else torch.full((batch_size,), self.default)
+        if self.router is not None:  # the router's choice among its own drafters (the others' priors are optimism)
+            choice = torch.tensor(self.router_arms)[prior[:, self.router_arms].argmax(-1)]
+        else:
+            choice = torch.full((batch_size,), self.default)
         self.last_choice = [self.names[int(arm)] for arm in choice]
         self.bandits = None if self.policy is None else RowBandits(self.policy, choice, prior,
                                                                      self._draft_costs(target, num_draft_tokens))
         self._assign(choice, device)
+        self._layer_index = [None if not drafter.target_hidden_layers or
+                             tuple(drafter.target_hidden_layers) == self.target_hidden_layers else
+                             torch.tensor([self.target_hidden_layers.index(layer)
+                                           for layer in drafter.target_hidden_layers], device=device)
+                             for drafter in self.drafters]
         self.rows_at_prefill = torch.bincount(choice, minlength=len(self.drafters) + 1)
         arms = len(self.drafters) + 1
         self.arm_counts = torch.zeros(3, arms, dtype=torch.long, device=device)  # rounds, drafted, accepted per arm
@@ -167,7 +175,7 @@ class RoutedDrafter(Drafter):
         """[B, K] each drafter's expected τ per row: the router's prediction where it has one, else optimism (the
         most a draft can give, γ + 1), which makes the policy try a drafter it knows nothing about."""
         batch_size = state.sequences.shape[0]
-        most = torch.tensor([float(drafter.max_round_nodes(num_draft_tokens) + 1) for drafter in self.drafters])
+        most = torch.tensor([float(_deepest_draft(drafter, num_draft_tokens) + 1) for drafter in self.drafters])
         prior = most.expand(batch_size, -1).clone()
         if self.router is not None:
             if state.prompt_features is None:
@@ -175,24 +183,24 @@ class RoutedDrafter(Drafter):
                                  "run it through `generate(..., assistant_model=routed)`.")
             predicted = self.router.predict(state.prompt_features).float().cpu()
             prior[:, self.router_arms] = predicted
-            others = torch.ones(len(self.drafters), dtype=torch.bool)
-            others[self.router_arms] = False
-            prior[:, others] = float("-inf") if self.policy is None else prior[:, others]
         return prior
 
     def _draft_costs(self, target, num_draft_tokens) -> torch.Tensor:
-        """Each drafter's draft cost per round ÷ one target forward: the policy's given costs, else the draft
-        model's parameters ÷ the target's times the draft length (forwards at small batch are memory-bound)."""
+        """Each drafter's draft cost per round ÷ one target forward: the policy's given costs, else the share of
+        the target's parameters one draft step runs (forwards at small batch are memory-bound) times the draft
+        steps of a round (γ for chains, the depth for trees: a tree level is one forward)."""
         given = dict(self.policy.draft_costs or {})
+        if unknown := set(given) - set(self.names):
+            raise ValueError(f"OnlinePolicy(draft_costs=...) names {sorted(unknown)}, which are not drafters of this "
+                             f"RoutedDrafter ({self.names}).")
         target_parameters = sum(parameter.numel() for parameter in target.parameters())
         costs = []
         for name, drafter in zip(self.names, self.drafters):
             if name in given:
                 costs.append(float(given[name]))
                 continue
-            model = getattr(drafter, "model", None)
-            draft_parameters = 0 if model is None else sum(parameter.numel() for parameter in model.parameters())
-            costs.append(draft_parameters / target_parameters * drafter.max_round_nodes(num_draft_tokens))
+            steps = _deepest_draft(drafter, num_draft_tokens)
+            costs.append(_step_parameters(drafter) / target_parameters * steps)
         return torch.tensor(costs)
 
     def _assign(self, assignment: torch.Tensor, device) -> None:
@@ -216,9 +224,10 @@ class RoutedDrafter(Drafter):
         """The state one drafter sees: rows it does not draft have budget -1, and only its own target layers."""
         mine = self.assignment_device == index
         hidden = state.target_hidden
-        layers = self.drafters[index].target_hidden_layers
-        if hidden is not None and tuple(layers) != self.target_hidden_layers:
-            hidden = hidden[:, [self.target_hidden_layers.index(layer) for layer in layers]] if layers else None
+        if hidden is not None and not self.drafters[index].target_hidden_layers:
+            hidden = None
+        elif hidden is not None and self._layer_index[index] is not None:
+            hidden = hidden.index_select(1, self._layer_index[index].to(hidden.device))
         return dataclasses.replace(state, budget=torch.where(mine, state.budget, -1), target_hidden=hidden)
 
     # ------------------------------------------------------------------ statistics
@@ -311,10 +320,11 @@ def merge_drafts(drafts: dict[int, Draft], assignment: torch.Tensor, batch_size:
         parents = torch.where(mine, draft.parents, parents)
         valid = torch.where(mine, draft.valid, valid)
         depths = torch.where(mine, draft.depths(), depths)
-        if probs is not None:
-            own = draft.probs if draft.probs is not None else \
-                torch.nn.functional.one_hot(draft.tokens, vocab_size).to(probs.dtype)
-            probs = torch.where(mine[:, :, None], own.to(probs.dtype), probs)
+        if probs is not None and draft.probs is not None:
+            probs.addcmul_(draft.probs.to(probs.dtype), mine[:, :, None].to(probs.dtype))
+        elif probs is not None:  # deterministic tokens: q is one-hot (what the verifier assumes for probs=None)
+            probs.scatter_add_(2, draft.tokens[:, :, None], mine[:, :, None].expand_as(draft.tokens[:, :, None])
+                               .to(probs.dtype))
     children = [draft.max_children for draft in padded.values()]
     return Draft(tokens, parents, valid, probs, max_depth=max(draft.max_depth for draft in padded.values()),
                  is_chain=is_chain, max_children=0 if 0 in children else max(children), _depths=depths)
@@ -324,6 +334,9 @@ def _check_drafters(drafters) -> None:
     if not isinstance(drafters, dict) or not drafters:
         raise TypeError("RoutedDrafter needs a non-empty dict {name: drafter}, e.g. "
                         "RoutedDrafter({'code': ModelDrafter(code_model), 'chat': ModelDrafter(chat_model)}).")
+    if len({id(drafter) for drafter in drafters.values()}) < len(drafters):
+        raise ValueError("RoutedDrafter got the same drafter object under two names; each name needs its own drafter "
+                         "(they may share one model: ModelDrafter(model) twice).")
     for name, drafter in drafters.items():
         if not isinstance(name, str) or name == NO_DRAFT:
             raise ValueError(f"Drafter names must be strings other than {NO_DRAFT!r} (the policy's arm for no "
@@ -335,6 +348,22 @@ def _check_drafters(drafters) -> None:
             raise ValueError(f"Drafter {name!r} uses schedule='auto', which times whole rounds for one drafter; give "
                              "RoutedDrafter's drafters a 'constant' or 'heuristic' schedule (its policy can stop "
                              "drafting per row instead).")
+
+
+def _deepest_draft(drafter: Drafter, num_draft_tokens: int | None) -> int:
+    """Draft tokens one round can get accepted, which is also its draft forwards: γ for chains, depth for trees."""
+    return drafter.tree.depth if drafter.tree is not None else (num_draft_tokens or drafter.num_draft_tokens)
+
+
+def _step_parameters(drafter: Drafter) -> int:
+    """Parameters one draft step runs: the draft model's, or a sorted drafter's layers up to its deepest exit."""
+    model = getattr(drafter, "model", None)
+    if model is None:
+        return 0
+    total = sum(parameter.numel() for parameter in model.parameters())
+    exits = getattr(drafter, "exits", None)
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    return total * max(exits) // layers if exits and layers else total
 
 
 def _router_arms(router, names: list[str]) -> list[int]:

@@ -1,7 +1,7 @@
 """The router's features: the target's own prefill hidden states, mean-pooled over each prompt's real tokens.
 
 The engine computes them from the prefill it runs anyway (no extra forward); the router recipe computes the same
-thing with `prompt_features` (one extra forward per prompt, offline). Both go through `pool_prompt_states`, so the
+thing with `prompt_features` (one extra forward per prompt, offline). Both pool through `PooledPrompt`, so the
 router is trained on exactly what it sees at generation time.
 """
 
@@ -14,9 +14,9 @@ from ..compat import hidden_states_request
 
 def pool_prompt_states(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, P, H] hidden states and [B, P] real-token mask → [B, H] float32 mean over each row's real tokens."""
-    weights = valid.to(device=hidden.device, dtype=torch.float32)[..., None]
-    total = (hidden.float() * weights).sum(1)
-    return total / weights.sum(1).clamp(min=1.0)
+    pooled = PooledPrompt(0)
+    pooled.add([hidden], valid)
+    return pooled.features()
 
 
 class PooledPrompt:
@@ -30,8 +30,9 @@ class PooledPrompt:
         if hidden is None:
             raise ValueError(f"The router reads the target's hidden_states[{self.layer}], which the model did not "
                              "return; pick a layer the target has (0 = embeddings, num_hidden_layers = last).")
-        weights = valid.to(device=hidden.device, dtype=torch.float32)[..., None]
-        total, count = (hidden.float() * weights).sum(1), weights.sum(1)
+        valid = valid.to(hidden.device)[..., None]
+        # where, not a product: a padding position's state may be anything (even NaN) and must not leak in
+        total, count = torch.where(valid, hidden.float(), 0.0).sum(1), valid.float().sum(1)
         self.total = total if self.total is None else self.total + total
         self.count = count if self.count is None else self.count + count
 
