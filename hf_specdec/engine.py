@@ -28,9 +28,9 @@ from .compat import cache_argument, hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
 from .options import check_generate_options
-from .schedule import CHECK_EVERY
 from .processors import BatchText, TreePrefixes, apply_processors
 from .routing.features import PooledPrompt
+from .schedule import CHECK_EVERY
 from .stats import PHASES, PhaseClock, SpecStats, profiled_phases  # noqa: F401  (PHASES, profiled_phases: re-exported)
 from .verify import verify
 

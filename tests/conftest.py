@@ -25,6 +25,17 @@ ARCHITECTURES = {
 }
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models are dominated by threading overhead: on a shared 2-core machine two intra-op threads made a
+    forward + backward ~100x slower than one. Restored afterwards so other tests keep their setting. Use it with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_model(arch="llama", vocab_size=96, num_layers=2, seed=0, hidden_size=32, dtype=torch.float32, **overrides):
     config_class, model_class = ARCHITECTURES[arch]
     settings = dict(

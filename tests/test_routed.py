@@ -7,8 +7,8 @@ import torch
 from conftest import SplitRouter, left_padded_batch, perturbed_copy, rotating_routed_drafter, tiny_model
 
 from hf_specdec import ModelDrafter, NGramDrafter, OnlinePolicy, RoutedDrafter, SortedDrafter, TreeConfig
-from hf_specdec.drafters.routed import merge_drafts
 from hf_specdec.draft import Draft
+from hf_specdec.drafters.routed import merge_drafts
 from hf_specdec.routing.policy import RowBandits
 
 UNEVEN = [7, 3, 9, 5, 1]

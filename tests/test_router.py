@@ -26,13 +26,7 @@ sys.path.insert(0, str(RECIPES))
 NAMES = ["code", "prose"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # tiny models run fastest on one thread, and the machine is shared
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def separable(num_prompts: int, hidden_size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

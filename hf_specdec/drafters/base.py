@@ -12,7 +12,6 @@ from ..processors import BatchText, TreePrefixes
 from ..schedule import AutoSchedule
 from ..stats import PhaseClock, SpecStats
 
-
 TREE_SAMPLING_RULES = ("recursive", "top_k")
 
 

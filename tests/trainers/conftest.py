@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from trainers.tiny import tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny models are dominated by threading overhead: on a shared 2-core machine two intra-op threads made a
-    # forward+backward ~100x slower than one. Restored afterwards so other tests keep their setting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):  # tests/conftest.py's fixture, for every trainer test
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
