@@ -20,13 +20,23 @@ expected acceptance Σ min(p, q) and top-1 agreement against the target, and rea
 benchmark suite (`hf_specdec.bench.run_suite`: plain / chain / tree × greedy / sampling on the held-out prompts),
 and writes `lab_report.md` / `lab_report.json`.
 
+With `domains` (a mapping name -> sources, e.g. `code` = the standard library, `prose` = package descriptions and
+documentation) the corpus is several domains instead of one directory: every corpus row, data block
+(`data/train-<domain>.pt`) and held-out prompt (`category` = the domain, as many per domain) keeps its domain; the
+tokenizer and target learn all of them; `distill-<domain>` drafters train on one domain each and `distill-all` on
+an equal mix, and acceptance is measured per domain (a drafter × domain table). Unset, the lab is single-domain and
+every stage's key is what it always was.
+
     python recipes/lab.py --config recipes/configs/lab.yaml               # the full lab (~35 min on 2 CPU cores)
     python recipes/lab.py --config recipes/configs/lab_tiny.yaml          # every stage at toy sizes (~1 min)
+    python recipes/lab.py --config recipes/configs/lab_domains.yaml --benchmark false  # code + prose (~15 min)
     python recipes/lab.py --config recipes/configs/lab.yaml --text_dir ~/src/myproject --output_dir out/lab-mine
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
 import json
 import math
@@ -64,9 +74,24 @@ METHODS = {
     "distill-fkl-long": "DistillTrainer, forward KL, AdaSPEC's step count",
     "soft": "SoFTTrainer: target's first {layers} layers, exits {exits}",
 }
+# Domain drafters are `distill-<domain>`, so a domain may not be named like the other distillation drafters' suffixes.
+DOMAIN_NAME = re.compile(r"[a-z0-9_]+")
+RESERVED_DOMAINS = ("fkl", "tvd", "all")
+DOMAIN_KEYS = ("sources", "exclude", "max_file_kb", "max_mb", "prompt_start")
+PROMPT_STARTS = ("def", "paragraph")
 # Files whose first lines say they were generated (codec tables, parser tables, ...) teach nothing about code.
 GENERATED = re.compile(r"auto-?generated|generated (by|from|with)|do not edit", re.IGNORECASE)
 PROMPT_START = re.compile(r"^[ \t]*(async\s+def|def|class)\s", re.MULTILINE)
+# A paragraph of prose: a line that starts with a capital letter after a blank line (not a heading, list or table).
+PARAGRAPH_START = re.compile(r"(?:\A|\n[ \t]*\n)(?=[A-Z])")
+# Licence texts are the most repeated prose on any machine (hundreds of identical copies): a domain drops a licence
+# header (a leading comment) and skips files that still start with one, instead of teaching drafters to recite them.
+LEADING_COMMENT = re.compile(r"\A\s*(?:<!--.*?-->|(?:[ \t]*(?:#[^\n]*)?\n)+)", re.DOTALL)
+LICENCE = re.compile(
+    r"permission is hereby granted|redistribution and use in source and binary forms|licensed under the apache "
+    r"license|gnu (lesser |library )?general public license|the software is provided .as is.|all rights reserved",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -97,18 +122,37 @@ class LabArguments:
         metadata={"help": "Fraction of files held out (split by a hash of the relative path, so it is deterministic "
                   "and a file is never in both splits). In (0, 1)."},
     )
+    domains: dict | str | None = field(
+        default=None,
+        metadata={"help": "Learn from several domains of text instead of text_dir (which must then be unset): a "
+                  "mapping name -> {sources: [glob patterns of files, `**` for any depth; '{stdlib}' and '{purelib}' "
+                  "expand to this Python's standard library and site-packages], exclude: [fnmatch patterns of file or "
+                  "directory names to skip] (default: exclude_dirs), max_file_kb (default: max_file_kb), max_mb: the "
+                  "domain's cap (default: max_corpus_mb), prompt_start: 'def' (held-out prompts start at a def / "
+                  "class line) or 'paragraph' (at a paragraph of prose)}. Every corpus row, block and held-out prompt "
+                  "is labelled with its domain; drafters `distill-<name>` train on one domain each and `distill-all` "
+                  "on an equal mix; acceptance is measured per domain. On the command line: JSON. Unset: one domain, "
+                  "text_dir, exactly as before."},
+    )
     output_dir: str = field(default="out/lab", metadata={"help": "Where every stage and the report are written."})
     # ----- tokenizer and data
     vocab_size: int = field(default=2048, metadata={"help": "Byte-level BPE vocabulary size (incl. special tokens)."})
     block_length: int = field(default=256, metadata={"help": "Tokens per training block (files are packed)."})
     eval_blocks: int = field(
         default=128, metadata={"help": "Held-out blocks on which the target's loss and the drafters' acceptance are "
-                               "measured (every run; not part of any stage)."}
+                               "measured (every run; not part of any stage). With domains: this many of each domain."}
     )
-    num_prompts: int = field(default=32, metadata={"help": "Held-out prompts written to heldout.jsonl."})
+    num_prompts: int = field(
+        default=32, metadata={"help": "Held-out prompts written to heldout.jsonl. With domains: as many of each "
+                              "domain (so a multiple of the number of domains)."}
+    )
     prompt_min_tokens: int = field(default=48, metadata={"help": "Shortest held-out prompt, in tokens."})
     prompt_max_tokens: int = field(default=96, metadata={"help": "Longest held-out prompt, in tokens."})
-    prompt_category: str = field(default="python", metadata={"help": "Category name of the held-out prompts."})
+    prompt_category: str = field(
+        default="python",
+        metadata={"help": "Category name of the held-out prompts. With domains: unused (a prompt's category is its "
+                  "domain)."},
+    )
     # ----- target
     target_hidden_size: int = field(default=256, metadata={"help": "Target: hidden size."})
     target_layers: int = field(default=4, metadata={"help": "Target: decoder layers."})
@@ -125,8 +169,9 @@ class LabArguments:
     # ----- drafters
     drafters: list[str] = field(
         default_factory=lambda: list(DRAFTERS),
-        metadata={"help": f"Which drafters to build and measure, from {list(DRAFTERS)}. `adaspec` also builds "
-                  "`distill-fkl` (its reference)."},
+        metadata={"help": f"Which drafters to build and measure, from {list(DRAFTERS)}, and with domains also "
+                  "`distill-<domain>` (forward KL like distill-fkl, on that domain's blocks only) and `distill-all` "
+                  "(the same on an equal mix of the domains). `adaspec` also builds `distill-fkl` (its reference)."},
     )
     draft_hidden_size: int = field(default=128, metadata={"help": "Draft: hidden size."})
     draft_layers: int = field(default=2, metadata={"help": "Draft: decoder layers."})
@@ -193,9 +238,12 @@ class LabArguments:
     def __post_init__(self):
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be strictly between 0 and 1, got {self.heldout_fraction}.")
-        unknown = sorted(set(self.drafters) - set(DRAFTERS))
+        self.domains = normalised_domains(self)
+        unknown = sorted(set(self.drafters) - set(self.known_drafters()))
         if unknown:
-            raise ValueError(f"Unknown drafters {unknown}; choose from {list(DRAFTERS)}.")
+            hint = (" (`distill-<domain>` and `distill-all` exist only with --domains)"
+                    if not self.domains and any(name.startswith("distill-") for name in unknown) else "")
+            raise ValueError(f"Unknown drafters {unknown}; choose from {self.known_drafters()}{hint}.")
         if not 0.0 < self.adaspec_k <= 1.0:
             raise ValueError(f"adaspec_k must be in (0, 1], got {self.adaspec_k}.")
         if not 1 <= self.soft_layers <= self.target_layers:
@@ -233,9 +281,64 @@ class LabArguments:
             return self.use_cuda and torch.cuda.is_bf16_supported()
         return self.dtype == "bfloat16"
 
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self.domains or {})
+
+    def domain_drafters(self) -> dict[str, list[str]]:
+        """`{drafter: the domains it trains on}`: one specialist per domain, then the generalist on all of them."""
+        if not self.domains:
+            return {}
+        return {**{f"distill-{name}": [name] for name in self.domains}, "distill-all": self.domain_names}
+
+    def known_drafters(self) -> list[str]:
+        return [*DRAFTERS, *self.domain_drafters()]
+
     def wanted_drafters(self) -> list[str]:
         wanted = set(self.drafters) | ({"distill-fkl"} if "adaspec" in self.drafters else set())
-        return [name for name in DRAFTERS if name in wanted]
+        return [name for name in self.known_drafters() if name in wanted]
+
+
+def normalised_domains(args: LabArguments) -> dict[str, dict] | None:
+    """`args.domains` checked, with every default filled in (so the corpus stage's key names every setting);
+    None when unset. A string is parsed as JSON / YAML (the command line's form)."""
+    domains = args.domains
+    if domains is None:
+        return None
+    if isinstance(domains, str):
+        import yaml
+
+        domains = yaml.safe_load(domains)
+    if not isinstance(domains, dict) or not domains:
+        raise ValueError(f"domains must be a non-empty mapping name -> source spec, got {args.domains!r}.")
+    if args.text_dir is not None:
+        raise ValueError("Give either text_dir (one domain) or domains (each names its own sources), not both.")
+    if args.num_prompts % len(domains):
+        raise ValueError(f"num_prompts ({args.num_prompts}) must be a multiple of the number of domains "
+                         f"({len(domains)}): the held-out prompts are split equally between them.")
+    normalised = {}
+    for name, spec in domains.items():
+        if not DOMAIN_NAME.fullmatch(str(name)) or name in RESERVED_DOMAINS:
+            raise ValueError(f"Domain name {name!r}: use lower-case letters, digits and _, and none of "
+                             f"{list(RESERVED_DOMAINS)} (its drafter is `distill-{name}`).")
+        if not isinstance(spec, dict) or set(spec) - set(DOMAIN_KEYS):
+            raise ValueError(f"Domain {name!r}: a mapping with keys from {list(DOMAIN_KEYS)}, got {spec!r}.")
+        sources = spec.get("sources")
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources or not all(isinstance(s, str) for s in sources):
+            raise ValueError(f"Domain {name!r} needs sources: a list of glob patterns of its files.")
+        full = {"sources": list(sources), "exclude": list(spec.get("exclude", args.exclude_dirs)),
+                "max_file_kb": spec.get("max_file_kb", args.max_file_kb),
+                "max_mb": float(spec.get("max_mb", args.max_corpus_mb)),
+                "prompt_start": spec.get("prompt_start", "def")}
+        if full["max_mb"] <= 0 or full["max_file_kb"] <= 0:
+            raise ValueError(f"Domain {name!r}: max_mb and max_file_kb must be positive.")
+        if full["prompt_start"] not in PROMPT_STARTS:
+            raise ValueError(f"Domain {name!r}: prompt_start must be one of {list(PROMPT_STARTS)}, "
+                             f"got {full['prompt_start']!r}.")
+        normalised[name] = full
+    return normalised
 
 
 def log(message: str) -> None:
@@ -328,6 +431,127 @@ def select_files(args: LabArguments) -> tuple[list[tuple[str, str]], dict[str, i
     return selected, skipped
 
 
+def expand_source(pattern: str) -> str:
+    """A source pattern with `{stdlib}` / `{purelib}` (any key of `sysconfig.get_paths()`) and `~` expanded: the
+    running interpreter's own paths, so a config names them the same on every machine and in every venv."""
+    paths = sysconfig.get_paths()
+    try:
+        return os.path.expanduser(pattern.format(**paths))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"Source pattern {pattern!r}: unknown placeholder {error}; use one of "
+                         f"{sorted('{' + key + '}' for key in paths)}.") from None
+
+
+def glob_root(pattern: str) -> str:
+    """The directory part of `pattern` before its first wildcard: files are named relative to it."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts) - 1)
+    return str(Path(*parts[:fixed])) if fixed else "."
+
+
+def package_description(text: str) -> str:
+    """The description of a package's core metadata (`*.dist-info/METADATA`, `PKG-INFO`): its README, without the
+    header fields (name, version, classifiers, dependencies, often a whole licence text), which are not prose."""
+    import email
+
+    message = email.message_from_string(text)
+    body = message.get_payload()
+    if isinstance(body, str) and body.strip():
+        return body
+    # Metadata 1.x keeps the description in a header, its continuation lines indented by 8 spaces or "       |".
+    description = message.get("Description", "")
+    return re.sub(r"\n(?:        |       \|)", "\n", str(description))
+
+
+def read_domain_file(path: Path) -> tuple[str | None, str]:
+    """`(text, "")` of a domain's file, or `(None, why it was skipped)`: not UTF-8 (or unreadable), binary (a NUL
+    byte: UTF-8 by accident), licence boilerplate. Package metadata contributes its description only."""
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None, "not_utf8"
+    if b"\0" in raw:
+        return None, "binary"
+    if path.name in ("METADATA", "PKG-INFO"):
+        text = package_description(text)
+    text = without_licence_header(text)
+    return (None, "licence") if text is None else (text, "")
+
+
+def without_licence_header(text: str) -> str | None:
+    """`text` without a licence in its leading comment (`#` lines, an HTML comment); None when what is left still
+    starts with a licence (the file is one)."""
+    if not LICENCE.search(text[:1024]):
+        return text
+    header = LEADING_COMMENT.match(text)
+    if header and LICENCE.search(header.group()):
+        text = text[header.end() :]
+    return None if LICENCE.search(text[:1024]) else text
+
+
+def domain_candidates(name: str, spec: dict, skipped: dict[str, int]) -> tuple[dict[str, Path], dict[str, int]]:
+    """`{domain/relative path: file}` of every file the domain's sources match, before reading any, and how many
+    files each source matched. A source that matches nothing (a package this machine lacks) is not an error."""
+    candidates: dict[str, Path] = {}
+    seen: set[Path] = set()
+    matched = {}
+    for source in spec["sources"]:
+        pattern = expand_source(source)
+        root = Path(glob_root(pattern))
+        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        matched[source] = 0
+        for path in paths:
+            if not path.is_file() or path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            relative = path.relative_to(root).as_posix()
+            if any(fnmatch.fnmatch(part.lower(), exclude.lower()) for part in Path(relative).parts
+                   for exclude in spec["exclude"]):
+                skipped["excluded"] += 1
+                continue
+            if path.stat().st_size > spec["max_file_kb"] * 1024:
+                skipped["too_large"] += 1
+                continue
+            key = f"{name}/{relative}"
+            if key in candidates:  # two sources' roots gave one name: keep the first, the split needs unique names
+                skipped["duplicate_name"] += 1
+                continue
+            candidates[key] = path
+            matched[source] += 1
+    return candidates, matched
+
+
+def select_domain_files(name: str, spec: dict) -> tuple[list[tuple[str, str]], dict]:
+    """Like `select_files`, for one domain: `[(domain/relative path, text)]` in cap order up to the domain's
+    `max_mb`, and `{"skipped": counts, "sources": files each source matched}`."""
+    skipped = {key: 0 for key in ("excluded", "too_large", "duplicate_name", "empty", "not_utf8", "binary",
+                                  "generated", "licence", "over_cap")}
+    candidates, matched = domain_candidates(name, spec, skipped)
+    selected, total, cap = [], 0, spec["max_mb"] * 1024 * 1024
+    for relative in sorted(candidates, key=lambda r: path_fraction("order", r)):
+        text, reason = read_domain_file(candidates[relative])
+        if text is not None and not text.strip():
+            reason = "empty"
+        elif text is not None and GENERATED.search(text[:2048]):
+            reason = "generated"
+        if reason:
+            skipped[reason] += 1
+            continue
+        size = len(text.encode("utf-8"))
+        if total + size > cap:
+            skipped["over_cap"] += 1
+            continue
+        selected.append((relative, text))
+        total += size
+    if not selected:
+        raise ValueError(
+            f"Domain {name!r}: no usable files (files per source: {matched}; skipped: {skipped}). Point its sources "
+            "at text files on this machine, or change its exclude / max_file_kb."
+        )
+    return selected, {"skipped": skipped, "sources": matched}
+
+
 def split_corpus(args: LabArguments, files: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
     splits = {"train": [], "heldout": []}
     for relative, text in files:
@@ -343,16 +567,75 @@ def split_corpus(args: LabArguments, files: list[tuple[str, str]]) -> dict[str, 
     return splits
 
 
-def corpus_stage(args: LabArguments) -> dict:
-    files, skipped = select_files(args)
+def content_digest(files: list[tuple[str, str]]) -> str:
     content = hashlib.sha256()
     for relative, text in files:
         content.update(relative.encode() + b"\0" + text.encode("utf-8") + b"\0")
-    settings = {
+    return content.hexdigest()[:16]
+
+
+def corpus_settings(args: LabArguments, files: list[tuple[str, str]]) -> dict:
+    """What determines the corpus: where files come from, the caps, the split and the files' contents. Without
+    domains exactly the keys of a single-domain lab, so existing caches keep their keys."""
+    if args.domains:
+        sources = {name: {**spec, "sources": [expand_source(s) for s in spec["sources"]]}
+                   for name, spec in args.domains.items()}
+        return {"domains": sources, "heldout_fraction": args.heldout_fraction, "content": content_digest(files)}
+    return {
         "text_dir": str(args.resolved_text_dir), "file_glob": args.file_glob, "exclude_dirs": args.exclude_dirs,
         "max_file_kb": args.max_file_kb, "max_corpus_mb": args.max_corpus_mb,
-        "heldout_fraction": args.heldout_fraction, "content": content.hexdigest()[:16],
+        "heldout_fraction": args.heldout_fraction, "content": content_digest(files),
     }
+
+
+def megabytes(rows) -> float:
+    return round(sum(len(text.encode()) for _, text in rows) / 2**20, 2)
+
+
+def domain_of(relative: str) -> str:
+    return relative.split("/", 1)[0]
+
+
+def domain_corpus_stage(args: LabArguments) -> dict:
+    """Every domain's files, each row labelled with its domain; one split by path hash over all of them (the
+    paths start with the domain's name, so no two domains share one)."""
+    files, selections = [], {}
+    for name, spec in args.domains.items():
+        domain_files, selections[name] = select_domain_files(name, spec)
+        files += domain_files
+
+    def build(directory: Path) -> dict:
+        splits = split_corpus(args, files)
+        metrics = {"skipped": {}, "domains": {}}
+        for name in args.domains:
+            sides = {side: [row for row in rows if domain_of(row[0]) == name] for side, rows in splits.items()}
+            empty = [side for side, rows in sides.items() if not rows]
+            if empty:
+                raise ValueError(f"Domain {name!r} has no {' or '.join(empty)} files "
+                                 f"({sum(map(len, sides.values()))} files, heldout_fraction="
+                                 f"{args.heldout_fraction}): give it more files or raise heldout_fraction.")
+            metrics["domains"][name] = {**selections[name], **{
+                side: {"files": len(rows), "megabytes": megabytes(rows)} for side, rows in sides.items()}}
+            for reason, count in selections[name]["skipped"].items():
+                metrics["skipped"][reason] = metrics["skipped"].get(reason, 0) + count
+        for side, rows in splits.items():
+            with open(directory / f"{side}.jsonl", "w", encoding="utf-8") as out:
+                out.writelines(json.dumps({"path": relative, "text": text, "domain": domain_of(relative)}) + "\n"
+                               for relative, text in rows)
+            metrics[side] = {"files": len(rows), "megabytes": megabytes(rows)}
+        for name, domain in metrics["domains"].items():
+            log(f"corpus {name}: {domain['train']} train, {domain['heldout']} held out; files per source "
+                f"{domain['sources']}")
+        return metrics
+
+    return run_stage(Path(args.output_dir) / "corpus", corpus_settings(args, files), build, args.force)
+
+
+def corpus_stage(args: LabArguments) -> dict:
+    if args.domains:
+        return domain_corpus_stage(args)
+    files, skipped = select_files(args)
+    settings = corpus_settings(args, files)
 
     def build(directory: Path) -> dict:
         splits = split_corpus(args, files)
@@ -396,8 +679,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
 
 
+def tokenizer_settings(args: LabArguments, corpus: dict) -> dict:
+    return {"vocab_size": args.vocab_size, "corpus": corpus["key"]}
+
+
 def tokenizer_stage(args: LabArguments, corpus: dict) -> dict:
-    settings = {"vocab_size": args.vocab_size, "corpus": corpus["key"]}
+    settings = tokenizer_settings(args, corpus)
 
     def build(directory: Path) -> dict:
         texts = [row["text"] for row in read_split(Path(args.output_dir) / "corpus", "train")]
@@ -427,23 +714,43 @@ def pack_blocks(tokenizer, texts: list[str], block_length: int) -> torch.Tensor:
     return torch.tensor(stream[:usable], dtype=torch.long).view(-1, block_length)
 
 
-def heldout_prompts(args: LabArguments, tokenizer, rows: list[dict]) -> list[dict]:
-    """The beginnings of held-out code chunks: from a `def` / `class` line (any line for other text) of a held-out
-    file, `prompt_min_tokens`..`prompt_max_tokens` tokens, with enough text after it to continue."""
+def opens_a_paragraph(text: str, start: int) -> bool:
+    """Whether the line at `start` begins a paragraph of sentences: words with lower-case letters, and no
+    `====` / `----` underline after it (that makes it an rst / markdown heading)."""
+    line, following = (text[start : start + 4096].split("\n", 2) + ["", ""])[:2]
+    underline = following.strip() and set(following.strip()) <= set("=-~^*#+")
+    return " " in line.strip() and any(c.islower() for c in line) and not underline
+
+
+def prompt_starts(text: str, prompt_start: str = "def") -> list[int]:
+    """Where a prompt may start: a `def` / `class` line, or with "paragraph" the first line of a paragraph of
+    prose; any line's start in a file that has none."""
+    if prompt_start == "paragraph":
+        starts = [m.end() for m in PARAGRAPH_START.finditer(text) if opens_a_paragraph(text, m.end())]
+    else:
+        starts = [m.start() for m in PROMPT_START.finditer(text)]
+    return starts or [m.start() for m in re.finditer(r"^\S", text, re.MULTILINE)]
+
+
+def heldout_prompts(args: LabArguments, tokenizer, rows: list[dict], count: int | None = None,
+                    category: str | None = None, prompt_start: str = "def") -> list[dict]:
+    """The beginnings of held-out chunks: from a `def` / `class` line (any line for other text; paragraphs with
+    `prompt_start="paragraph"`) of a held-out file, `prompt_min_tokens`..`prompt_max_tokens` tokens, with enough
+    text after it to continue. `count` / `category` default to num_prompts / prompt_category."""
+    count = args.num_prompts if count is None else count
+    category = args.prompt_category if category is None else category
     rng = random.Random(args.seed)
     candidates = []
     for row in sorted(rows, key=lambda r: path_fraction("prompts", r["path"])):
         text = row["text"]
-        starts = [m.start() for m in PROMPT_START.finditer(text)] or [
-            m.start() for m in re.finditer(r"^\S", text, re.MULTILINE)
-        ]
+        starts = prompt_starts(text, prompt_start)
         rng.shuffle(starts)
         candidates.append((row["path"], text, starts))
     prompts = []
     # Round-robin over files: one prompt per file first, more per file only when files run out.
     for round_index in range(max((len(s) for _, _, s in candidates), default=0)):
         for path, text, starts in candidates:
-            if len(prompts) == args.num_prompts:
+            if len(prompts) == count:
                 return prompts
             if round_index >= len(starts):
                 continue
@@ -453,13 +760,80 @@ def heldout_prompts(args: LabArguments, tokenizer, rows: list[dict]) -> list[dic
             length = rng.randint(args.prompt_min_tokens, args.prompt_max_tokens)
             if len(ids) < length + 16:
                 continue
-            prompts.append({"id": f"heldout-{len(prompts) + 1:03d}", "category": args.prompt_category,
+            prompts.append({"id": f"heldout-{len(prompts) + 1:03d}", "category": category,
                             "prompt": tokenizer.decode(ids[:length]), "source": path})
     return prompts
 
 
-def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
+def domain_prompts(args: LabArguments, tokenizer, rows: list[dict]) -> list[dict]:
+    """num_prompts / len(domains) held-out prompts of each domain, `category` = the domain, interleaved (so any
+    first n prompts are balanced too); every domain is cut to the fewest any of them has, so the set stays balanced."""
+    per_domain = args.num_prompts // len(args.domains)
+    by_domain = {
+        name: heldout_prompts(args, tokenizer, [row for row in rows if row["domain"] == name], per_domain, name,
+                              spec["prompt_start"])
+        for name, spec in args.domains.items()
+    }
+    fewest = min(len(prompts) for prompts in by_domain.values())
+    if fewest == 0:
+        empty = [name for name, prompts in by_domain.items() if not prompts]
+        raise ValueError(f"No held-out file of domain(s) {empty} is long enough for a prompt; lower "
+                         "prompt_min_tokens, raise heldout_fraction or add text.")
+    if fewest < per_domain:
+        log(f"prompts: only {fewest} of {per_domain} per domain ({ {n: len(p) for n, p in by_domain.items()} }), "
+            "so every domain gets that many")
+    interleaved = [prompts[i] for i in range(fewest) for prompts in by_domain.values()]
+    return [{**prompt, "id": f"heldout-{i + 1:03d}"} for i, prompt in enumerate(interleaved)]
+
+
+def data_settings(args: LabArguments, tokenizer_record: dict) -> dict:
     settings = {"block_length": args.block_length, "seed": args.seed, "tokenizer": tokenizer_record["key"]}
+    return {**settings, "domains": args.domain_names} if args.domains else settings
+
+
+def shuffled(blocks: torch.Tensor, seed: int) -> torch.Tensor:
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
+
+
+def build_domain_data(args: LabArguments, directory: Path) -> dict:
+    """Per domain `train-<domain>.pt` / `heldout-<domain>.pt` (packed within the domain, so every block has one
+    label); `train.pt` is all of them (the target learns every domain) and `heldout.pt` all held-out blocks
+    shuffled together."""
+    tokenizer = load_tokenizer(args)
+    corpus = Path(args.output_dir) / "corpus"
+    rows = {side: read_split(corpus, side) for side in ("train", "heldout")}
+    trains, heldouts, metrics = [], [], {"domains": {}}
+    for name in args.domains:
+        texts = {side: [r["text"] for r in split if r["domain"] == name] for side, split in rows.items()}
+        train = pack_blocks(tokenizer, texts["train"], args.block_length)
+        heldout = shuffled(pack_blocks(tokenizer, texts["heldout"], args.block_length), args.seed)
+        if len(train) < args.draft_batch_size or len(heldout) == 0:
+            raise ValueError(
+                f"Too little text in domain {name!r}: {len(train)} train and {len(heldout)} held-out blocks of "
+                f"{args.block_length} tokens (need at least draft_batch_size, {args.draft_batch_size}, and 1). Raise "
+                "its max_mb or heldout_fraction, or shorten block_length."
+            )
+        torch.save(train, directory / f"train-{name}.pt")
+        torch.save(heldout, directory / f"heldout-{name}.pt")
+        trains.append(train)
+        heldouts.append(heldout)
+        metrics["domains"][name] = {
+            "train_blocks": len(train), "train_tokens": train.numel(), "heldout_blocks": len(heldout),
+            "characters_per_token": round(sum(map(len, texts["train"])) / max(train.numel(), 1), 3)}
+    train, heldout = torch.cat(trains), shuffled(torch.cat(heldouts), args.seed)
+    if len(train) < args.batch_size:
+        raise ValueError(f"Too little text: {len(train)} train blocks, fewer than batch_size ({args.batch_size}).")
+    torch.save(train, directory / "train.pt")
+    torch.save(heldout, directory / "heldout.pt")
+    return {"train_blocks": len(train), "train_tokens": train.numel(), "heldout_blocks": len(heldout),
+            "characters_per_token": round(sum(len(r["text"]) for r in rows["train"]) / max(train.numel(), 1), 3),
+            **metrics}
+
+
+def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
+    settings = data_settings(args, tokenizer_record)
+    if args.domains:
+        return run_stage(Path(args.output_dir) / "data", settings, lambda d: build_domain_data(args, d), args.force)
 
     def build(directory: Path) -> dict:
         tokenizer = load_tokenizer(args)
@@ -483,20 +857,33 @@ def data_stage(args: LabArguments, tokenizer_record: dict) -> dict:
     return run_stage(Path(args.output_dir) / "data", settings, build, args.force)
 
 
-def prompts_stage(args: LabArguments, corpus_record: dict, tokenizer_record: dict) -> dict:
-    """The held-out prompts, in the benchmark suite's JSONL format, copied to `<output_dir>/heldout.jsonl`."""
+def prompts_settings(args: LabArguments, corpus_record: dict, tokenizer_record: dict) -> dict:
     settings = {
         "num_prompts": args.num_prompts, "prompt_tokens": [args.prompt_min_tokens, args.prompt_max_tokens],
         "category": args.prompt_category, "seed": args.seed, "corpus": corpus_record["key"],
         "tokenizer": tokenizer_record["key"],
     }
+    if args.domains:  # the category is each prompt's domain; where prompts start is each domain's own
+        del settings["category"]
+        settings["domains"] = {name: spec["prompt_start"] for name, spec in args.domains.items()}
+    return settings
+
+
+def prompts_stage(args: LabArguments, corpus_record: dict, tokenizer_record: dict) -> dict:
+    """The held-out prompts, in the benchmark suite's JSONL format, copied to `<output_dir>/heldout.jsonl`."""
+    settings = prompts_settings(args, corpus_record, tokenizer_record)
 
     def build(directory: Path) -> dict:
-        prompts = heldout_prompts(args, load_tokenizer(args), read_split(Path(args.output_dir) / "corpus", "heldout"))
+        rows = read_split(Path(args.output_dir) / "corpus", "heldout")
+        select = domain_prompts if args.domains else heldout_prompts
+        prompts = select(args, load_tokenizer(args), rows)
         if not prompts:
             raise ValueError("No held-out file is long enough for a prompt; lower prompt_min_tokens or add text.")
         with open(directory / "heldout.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in prompts)
+        if args.domains:
+            return {"prompts": len(prompts), "per_domain": {n: sum(p["category"] == n for p in prompts)
+                                                            for n in args.domains}}
         return {"prompts": len(prompts)}
 
     record = run_stage(Path(args.output_dir) / "prompts", settings, build, args.force)
@@ -576,13 +963,17 @@ def last_logged(history: list[dict], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
 
-def target_stage(args: LabArguments, data_record: dict) -> dict:
-    settings = {
+def target_settings(args: LabArguments, data_record: dict) -> dict:
+    return {
         "hidden_size": args.target_hidden_size, "layers": args.target_layers, "heads": args.target_heads,
         "intermediate_size": args.target_intermediate_size, "steps": args.target_steps,
         "max_minutes": args.target_max_minutes, "learning_rate": args.target_learning_rate,
         "batch_size": args.batch_size, "bf16": args.bf16, "seed": args.seed, "data": data_record["key"],
     }
+
+
+def target_stage(args: LabArguments, data_record: dict) -> dict:
+    settings = target_settings(args, data_record)
 
     def build(directory: Path) -> dict:
         tokenizer = load_tokenizer(args)
@@ -617,12 +1008,16 @@ def drafter_dir(args: LabArguments, name: str) -> Path:
     return Path(args.output_dir) / "drafters" / name
 
 
-def init_stage(args: LabArguments, tokenizer_record: dict) -> dict:
-    settings = {
+def init_settings(args: LabArguments, tokenizer_record: dict) -> dict:
+    return {
         "hidden_size": args.draft_hidden_size, "layers": args.draft_layers, "heads": args.draft_heads,
         "intermediate_size": args.draft_intermediate_size, "seed": args.seed + 1,
         "max_positions": max_positions(args), "tokenizer": tokenizer_record["key"],
     }
+
+
+def init_stage(args: LabArguments, tokenizer_record: dict) -> dict:
+    settings = init_settings(args, tokenizer_record)
 
     def build(directory: Path) -> dict:
         tokenizer = load_tokenizer(args)
@@ -641,6 +1036,9 @@ def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
               "train_blocks": args.draft_train_blocks, "bf16": args.bf16, "seed": args.seed,
               "data": records["data"]["key"]}
     distill = {"lmbda": args.distill_lmbda, "init": records["init"]["key"], "target": records["target"]["key"]}
+    if name in args.domain_drafters():  # distill-fkl's recipe on the named domains' blocks
+        own = {"steps": args.distill_fkl_steps, **distill, "domains": args.domain_drafters()[name]}
+        return {"drafter": name, **shared, **own}
     own = {
         "sft": {"steps": args.sft_steps, "init": records["init"]["key"]},
         "distill-fkl": {"steps": args.distill_fkl_steps, **distill},
@@ -654,10 +1052,25 @@ def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
     return {"drafter": name, **shared, **own}
 
 
-def drafter_blocks(args: LabArguments, train: torch.Tensor) -> torch.Tensor:
-    """The drafters' training set: `draft_train_blocks` of the target's train blocks, drawn with the seed."""
+def drafter_blocks(args: LabArguments, train: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """The drafters' training set: `draft_train_blocks` (or `count`) of the target's train blocks, drawn with the
+    seed."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 2))
-    return train[order[: args.draft_train_blocks]]
+    return train[order[: args.draft_train_blocks if count is None else count]]
+
+
+def domain_drafter_blocks(args: LabArguments, domains: list[str]) -> torch.Tensor:
+    """A domain drafter's training set: draft_train_blocks drawn from its domains' train blocks, an equal share
+    from each (so `distill-all` sees the mix the held-out prompts have, not the corpus's proportions)."""
+    data = Path(args.output_dir) / "data"
+    share = args.draft_train_blocks // len(domains)
+    parts = []
+    for name in domains:
+        train = torch.load(data / f"train-{name}.pt")
+        if len(train) < share:
+            log(f"domain {name!r} has {len(train)} train blocks, fewer than its share {share}: taking them all")
+        parts.append(drafter_blocks(args, train, share))
+    return torch.cat(parts)
 
 
 def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
@@ -678,12 +1091,16 @@ def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
     data = Path(args.output_dir) / "data"
     target_path = str(Path(args.output_dir) / "target")
     init = AutoModelForCausalLM.from_pretrained(drafter_dir(args, "init"))
+    domains = args.domain_drafters().get(name)
     steps = {"sft": args.sft_steps, "distill-fkl": args.distill_fkl_steps, "distill-tvd": args.distill_tvd_steps,
              "adaspec": args.resolved_adaspec_steps, "distill-fkl-long": args.resolved_adaspec_steps,
-             "soft": args.soft_steps}[name]
+             "soft": args.soft_steps}.get(name, args.distill_fkl_steps)  # domain drafters: distill-fkl's steps
     common = trainer_arguments(args, directory, steps, args.draft_learning_rate, args.draft_batch_size)
     common["max_length"] = args.block_length
-    train = drafter_blocks(args, torch.load(data / "train.pt"))
+    if domains:
+        train = domain_drafter_blocks(args, domains)
+    else:
+        train = drafter_blocks(args, torch.load(data / "train.pt"))
     if name == "sft":
         trainer = causal_lm_trainer(args, init, tokenizer, directory, steps, args.draft_learning_rate,
                                     args.draft_batch_size, train)
@@ -734,11 +1151,40 @@ def drafter_stages(args: LabArguments, records: dict) -> dict[str, dict]:
 # ----- measuring ----------------------------------------------------------------------------------------------
 
 
+def heldout_sets(args: LabArguments) -> dict[str | None, torch.Tensor]:
+    """The held-out blocks measured: `{None: the first eval_blocks}`, or with domains `{domain: its first
+    eval_blocks}` (so each domain counts equally in the overall numbers, as in the prompts)."""
+    data = Path(args.output_dir) / "data"
+    if not args.domains:
+        return {None: torch.load(data / "heldout.pt")[: args.eval_blocks]}
+    return {name: torch.load(data / f"heldout-{name}.pt")[: args.eval_blocks] for name in args.domains}
+
+
+def acceptance_results(totals: dict[tuple, torch.Tensor], count: int) -> dict[str, dict]:
+    """`{drafter: {"expected_acceptance", "top1_agreement"}}` (+ `exits` of sorted drafters) from token sums."""
+    results: dict[str, dict] = {}
+    for (name, exit_layer), (accept, top1) in totals.items():
+        metrics = {"expected_acceptance": float(accept) / count, "top1_agreement": float(top1) / count}
+        if exit_layer is None:
+            results[name] = metrics
+        else:  # the drafter's numbers are its last exit's; every exit is kept
+            results.setdefault(name, {"exits": {}})["exits"][str(exit_layer)] = metrics
+            results[name].update(metrics)
+    return results
+
+
+def target_results(totals: torch.Tensor, count: int, blocks: int) -> dict:
+    loss = float(totals[1]) / count
+    return {"next_token_accuracy": float(totals[0]) / count, "loss": loss, "perplexity": math.exp(loss),
+            "blocks": blocks}
+
+
 @torch.no_grad()
 def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> tuple[dict[str, dict], dict]:
     """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target, token
     means over the held-out blocks (the target runs once per batch for all drafters); and the target's own
-    next-token accuracy and loss on the same tokens."""
+    next-token accuracy and loss on the same tokens. With domains, each result also has `domains`: the same
+    numbers on each domain's held-out blocks."""
     from transformers import AutoModelForCausalLM
 
     from trainers import exit_logits
@@ -754,35 +1200,40 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
                 scorers[name, None] = lambda ids, draft=draft: draft(input_ids=ids).logits
             else:
                 scorers[name, exit_layer] = lambda ids, draft=draft, e=exit_layer: exit_logits(draft, ids, None, [e])[e]
-    totals = {key: torch.zeros(2, dtype=torch.float64) for key in scorers}
-    target_totals = torch.zeros(2, dtype=torch.float64)  # the target's own next-token accuracy and loss
-    blocks = torch.load(Path(args.output_dir) / "data" / "heldout.pt")[: args.eval_blocks]
-    for batch in blocks.split(16):
-        ids = batch.to(device)
-        p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
-        following = ids[:, 1:].flatten()
-        target_totals += torch.stack([(p.argmax(-1) == following).sum(),
-                                      torch.nn.functional.cross_entropy(p, following, reduction="sum")]).cpu()
-        for key, logits in scorers.items():
-            q, shared_p = shared_vocab(logits(ids)[:, :-1].flatten(0, 1).float(), p)
-            totals[key] += torch.stack([expected_acceptance(q, shared_p).sum(), top1_agreement(q, shared_p).sum()]).cpu()
-    count = blocks[:, 1:].numel()
-    results: dict[str, dict] = {}
-    for (name, exit_layer), (accept, top1) in totals.items():
-        metrics = {"expected_acceptance": float(accept) / count, "top1_agreement": float(top1) / count}
-        if exit_layer is None:
-            results[name] = metrics
-        else:  # the drafter's numbers are its last exit's; every exit is kept
-            results.setdefault(name, {"exits": {}})["exits"][str(exit_layer)] = metrics
-            results[name].update(metrics)
-    loss = float(target_totals[1]) / count
-    target_metrics = {"next_token_accuracy": float(target_totals[0]) / count, "loss": loss,
-                      "perplexity": math.exp(loss), "blocks": len(blocks)}
+    sets = heldout_sets(args)
+    totals = {(s, key): torch.zeros(2, dtype=torch.float64) for s in sets for key in scorers}
+    target_totals = {s: torch.zeros(2, dtype=torch.float64) for s in sets}  # the target's accuracy and loss
+    for set_name, blocks in sets.items():
+        for batch in blocks.split(16):
+            ids = batch.to(device)
+            p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
+            following = ids[:, 1:].flatten()
+            target_totals[set_name] += torch.stack([
+                (p.argmax(-1) == following).sum(),
+                torch.nn.functional.cross_entropy(p, following, reduction="sum")]).cpu()
+            for key, logits in scorers.items():
+                q, shared_p = shared_vocab(logits(ids)[:, :-1].flatten(0, 1).float(), p)
+                totals[set_name, key] += torch.stack(
+                    [expected_acceptance(q, shared_p).sum(), top1_agreement(q, shared_p).sum()]).cpu()
+    counts = {s: blocks[:, 1:].numel() for s, blocks in sets.items()}
+    results = acceptance_results({key: sum(totals[s, key] for s in sets) for key in scorers}, sum(counts.values()))
+    target_metrics = target_results(sum(target_totals.values()), sum(counts.values()),
+                                    sum(len(b) for b in sets.values()))
+    if args.domains:
+        target_metrics["domains"] = {}
+        for set_name in sets:
+            per = acceptance_results({key: totals[set_name, key] for key in scorers}, counts[set_name])
+            for name, metrics in per.items():
+                results[name].setdefault("domains", {})[set_name] = {
+                    k: metrics[k] for k in ("expected_acceptance", "top1_agreement")}
+            target_metrics["domains"][set_name] = target_results(target_totals[set_name], counts[set_name],
+                                                                 len(sets[set_name]))
     log(f"held-out target: next-token accuracy {target_metrics['next_token_accuracy']:.4f}, loss "
         f"{target_metrics['loss']:.4f}")
     for name, metrics in results.items():
+        per_domain = "".join(f"; {d} {m['expected_acceptance']:.4f}" for d, m in metrics.get("domains", {}).items())
         log(f"held-out {name}: expected acceptance {metrics['expected_acceptance']:.4f}, top-1 agreement "
-            f"{metrics['top1_agreement']:.4f}")
+            f"{metrics['top1_agreement']:.4f}{per_domain}")
     return results, target_metrics
 
 
@@ -856,6 +1307,10 @@ def fmt(value, digits: int = 3, suffix: str = "") -> str:
 
 
 def method_label(args: LabArguments, name: str) -> str:
+    if name == "distill-all":
+        return f"DistillTrainer, forward KL, on an equal mix of {', '.join(args.domain_names)}"
+    if name in args.domain_drafters():
+        return f"DistillTrainer, forward KL, on `{args.domain_drafters()[name][0]}` only"
     return METHODS[name].format(k=args.adaspec_k, layers=args.soft_layers, exits="/".join(map(str, args.soft_exits)))
 
 
@@ -911,6 +1366,53 @@ def ordering_notes(acceptance: dict, cells: dict) -> list[str]:
     return notes
 
 
+def domain_notes(acceptance: dict, domains: list[str]) -> list[str]:
+    """Per domain: does its specialist `distill-<domain>` beat every other drafter measured there (the other
+    specialists, the generalist `distill-all`, and any other), with ties called as ties."""
+    notes = []
+    for domain in domains:
+        specialist = f"distill-{domain}"
+        if specialist not in acceptance:
+            continue
+        mine = acceptance[specialist]["domains"][domain]["expected_acceptance"]
+        others = {name: result["domains"][domain]["expected_acceptance"] for name, result in acceptance.items()
+                  if name != specialist and name != "init"}
+        if not others:
+            continue
+        beaten = [f"{name} {value:.3f}" for name, value in others.items() if mine - value > HELDOUT_TIE]
+        tied = [f"{name} {value:.3f}" for name, value in others.items() if abs(mine - value) <= HELDOUT_TIE]
+        behind = [f"{name} {value:.3f}" for name, value in others.items() if value - mine > HELDOUT_TIE]
+        verdict = "best" if not (tied or behind) else "not the best" if behind else "tied for best"
+        parts = [f"ahead of {', '.join(beaten)}" if beaten else "", f"tied with {', '.join(tied)}" if tied else "",
+                 f"behind {', '.join(behind)}" if behind else ""]
+        notes.append(f"- on `{domain}`: {specialist} is **{verdict}** at E[accept] {mine:.3f} — "
+                     + "; ".join(p for p in parts if p) + ".")
+    return notes
+
+
+def domain_section(args: LabArguments, acceptance: dict, target_heldout: dict) -> tuple[list[str], list[str]]:
+    """The drafter × domain table of held-out acceptance (markdown lines) and the specialists' verdicts."""
+    domains = args.domain_names
+    target = target_heldout["domains"]
+    rows = [[name, *(fmt(result["domains"][d][key]) for d in domains for key in ("expected_acceptance",
+                                                                                    "top1_agreement")),
+             fmt(result["expected_acceptance"])] for name, result in acceptance.items()]
+    header = ["drafter", *(f"{d} {label}" for d in domains for label in ("E[accept]", "top-1")), "mixed E[accept]"]
+    blocks = ", ".join(f"{target[d]['blocks']} of {d}" for d in domains)
+    target_line = "; ".join(f"{d}: loss {target[d]['loss']:.3f}, next token right "
+                            f"{100 * target[d]['next_token_accuracy']:.1f}%" for d in domains)
+    legend = (f"The same measurement on each domain's held-out blocks ({blocks}); mixed = all of them (each domain "
+              f"equally). `distill-<domain>` trains on that domain only, `distill-all` on an equal mix, all with "
+              f"distill-fkl's recipe and steps from the same `init`. The target per domain: {target_line}.")
+    lines = ["", "## Held-out acceptance per domain", "", legend, ""]
+    lines += table(header, rows, "l" + "r" * (len(header) - 1))
+    notes = domain_notes(acceptance, domains)
+    if notes:
+        question = f"Does each domain's specialist win on its own domain (ties within {HELDOUT_TIE} E[accept])?"
+        lines += ["", question, "", *notes]
+    return lines, notes
+
+
 def table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     """Markdown table lines; `align` has one letter per column: l(eft) or r(ight)."""
     rule = ["---" if a == "l" else "---:" for a in align]
@@ -925,10 +1427,18 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
     target, data = records["target"]["metrics"], records["data"]["metrics"]
     corpus, vocab = records["corpus"]["metrics"], records["tokenizer"]["metrics"]["vocab_size"]
     pool = min(args.draft_train_blocks, data["train_blocks"])
+    if args.domains:
+        source = "domains " + "; ".join(
+            f"`{name}` ({domain['train']['files']} train files, {domain['train']['megabytes']} MB, "
+            f"{data['domains'][name]['characters_per_token']} characters per token, from "
+            f"{', '.join(f'`{s}`' for s, n in domain['sources'].items() if n)})"
+            for name, domain in corpus["domains"].items())
+    else:
+        source = f"`{records['corpus']['settings']['text_dir']}`"
     text = (
         f"Text: {corpus['train']['files']} train files ({corpus['train']['megabytes']} MB) and "
         f"{corpus['heldout']['files']} held-out files ({corpus['heldout']['megabytes']} MB) from "
-        f"`{records['corpus']['settings']['text_dir']}`; byte-level BPE with {vocab} tokens "
+        f"{source}; byte-level BPE with {vocab} tokens "
         f"({data['characters_per_token']} characters per token); {data['train_tokens']:,} train tokens in blocks of "
         f"{args.block_length}."
     )
@@ -940,11 +1450,11 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
         f"{target_heldout['loss']:.4f} (perplexity {target_heldout['perplexity']:.2f}), next token right "
         f"{100 * target_heldout['next_token_accuracy']:.1f}% of the time."
     )
+    soft = (f"; `soft` is the target's first {args.soft_layers} layers ({args.target_hidden_size} wide) with exits "
+            f"{args.soft_exits} and thresholds {args.soft_exit_thresholds}" if "soft" in drafters else "")
     draft_line = (
         f"Draft: Llama, {args.draft_layers} layers × {args.draft_hidden_size} wide, "
-        f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters; `soft` is the target's first "
-        f"{args.soft_layers} layers ({args.target_hidden_size} wide) with exits {args.soft_exits} and thresholds "
-        f"{args.soft_exit_thresholds}. Drafters train on {pool:,} blocks ({pool * args.block_length:,} tokens) drawn "
+        f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters{soft}. Drafters train on {pool:,} blocks ({pool * args.block_length:,} tokens) drawn "
         f"from the target's training data, {args.draft_batch_size} blocks per step (one epoch = "
         f"{pool / args.draft_batch_size:g} steps), learning rate {args.draft_learning_rate:g} (cosine)."
     )
@@ -996,15 +1506,21 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
             heading = ("Greedy outputs that differ from plain greedy (the suite's diagnosis; `tie` in the last column "
                        "when every difference starts at a float near-tie):")
             lines += ["", heading, "", *mismatches]
+    specialist_notes = []
+    if args.domains:
+        domain_lines, specialist_notes = domain_section(args, acceptance, target_heldout)
+        lines += domain_lines
     notes = ordering_notes(acceptance, cells)
     lines += ["", "## Do the papers' orderings reproduce here?", ""]
     lines += notes or ["- (not enough drafters to compare)"]
     caveat = (
         f"Ties: E[accept] within {HELDOUT_TIE}, τ within {TAU_TIE}, α within two binomial standard errors of the "
-        f"difference (from the drafted-token counts). AdaSPEC trains "
-        f"{args.resolved_adaspec_steps} steps (distill_fkl_steps / k: the paper's epochs / k) on about a fraction "
-        f"{args.adaspec_k:g} of the tokens; `distill-fkl-long` gives forward KL the same steps."
+        f"difference (from the drafted-token counts)."
     )
+    if "adaspec" in drafters:
+        caveat += (f" AdaSPEC trains {args.resolved_adaspec_steps} steps (distill_fkl_steps / k: the paper's epochs / "
+                   f"k) on about a fraction {args.adaspec_k:g} of the tokens; `distill-fkl-long` gives forward KL the "
+                   "same steps.")
     lines += ["", caveat, ""]
     time_rows = [[stage, fmt(records[stage]["seconds"], 1, " s"), "reused" if records[stage]["reused"] else "built"]
                  for stage in ("corpus", "tokenizer", "data", "prompts", "target")]
@@ -1018,6 +1534,9 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
         "drafters": drafters, "heldout_acceptance": acceptance, "target_heldout": target_heldout, "benchmark": cells, "timings": timings,
         "ordering_notes": notes, "greedy_mismatches": mismatches, "benchmark_report": bench,
     }
+    if args.domains:  # drafter × domain, the numbers a router chooses between
+        payload["domain_acceptance"] = {name: result["domains"] for name, result in acceptance.items()}
+        payload["domain_notes"] = specialist_notes
     return markdown, payload
 
 
