@@ -404,31 +404,45 @@ def select_files(args: LabArguments) -> tuple[list[tuple[str, str]], dict[str, i
             skipped["too_large"] += 1
             continue
         candidates.append(relative)
-    selected, total, cap = [], 0, args.max_corpus_mb * 1024 * 1024
-    for relative in sorted(candidates, key=lambda r: path_fraction("order", r)):
-        try:
-            text = (root / relative).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            skipped["not_utf8"] += 1
-            continue
-        if not text.strip():
-            skipped["empty"] += 1
-            continue
-        if GENERATED.search(text[:2048]):
-            skipped["generated"] += 1
-            continue
-        size = len(text.encode("utf-8"))
-        if total + size > cap:
-            skipped["over_cap"] += 1
-            continue
-        selected.append((relative, text))
-        total += size
+    selected = fill_to_cap(candidates, lambda relative: read_text_file(root / relative),
+                           args.max_corpus_mb * 1024 * 1024, skipped)
     if not selected:
         raise ValueError(
             f"No usable {args.file_glob!r} files under {str(root)!r} (skipped: {skipped}). Point --text_dir at a "
             "directory with text files, or change --file_glob / --max_file_kb / --exclude_dirs."
         )
     return selected, skipped
+
+
+def read_text_file(path: Path) -> tuple[str | None, str]:
+    """`(text, "")`, or `(None, "not_utf8")` for a file that is not UTF-8 (or unreadable)."""
+    try:
+        return path.read_text(encoding="utf-8"), ""
+    except (UnicodeDecodeError, OSError):
+        return None, "not_utf8"
+
+
+def fill_to_cap(candidates, read, cap_bytes: float, skipped: dict[str, int]) -> list[tuple[str, str]]:
+    """`[(name, text)]` of the candidate names in a fixed pseudo-random order (a hash of each name) up to
+    `cap_bytes` of text; `read(name) -> (text, "") or (None, why)`; empty and generated files are skipped too, and
+    every skip is counted in `skipped`."""
+    selected, total = [], 0
+    for relative in sorted(candidates, key=lambda r: path_fraction("order", r)):
+        text, reason = read(relative)
+        if not reason and not text.strip():
+            reason = "empty"
+        elif not reason and GENERATED.search(text[:2048]):
+            reason = "generated"
+        if reason:
+            skipped[reason] += 1
+            continue
+        size = len(text.encode("utf-8"))
+        if total + size > cap_bytes:
+            skipped["over_cap"] += 1
+            continue
+        selected.append((relative, text))
+        total += size
+    return selected
 
 
 def expand_source(pattern: str) -> str:
@@ -528,22 +542,8 @@ def select_domain_files(name: str, spec: dict) -> tuple[list[tuple[str, str]], d
     skipped = {key: 0 for key in ("excluded", "too_large", "duplicate_name", "empty", "not_utf8", "binary",
                                   "generated", "licence", "over_cap")}
     candidates, matched = domain_candidates(name, spec, skipped)
-    selected, total, cap = [], 0, spec["max_mb"] * 1024 * 1024
-    for relative in sorted(candidates, key=lambda r: path_fraction("order", r)):
-        text, reason = read_domain_file(candidates[relative])
-        if text is not None and not text.strip():
-            reason = "empty"
-        elif text is not None and GENERATED.search(text[:2048]):
-            reason = "generated"
-        if reason:
-            skipped[reason] += 1
-            continue
-        size = len(text.encode("utf-8"))
-        if total + size > cap:
-            skipped["over_cap"] += 1
-            continue
-        selected.append((relative, text))
-        total += size
+    selected = fill_to_cap(candidates, lambda relative: read_domain_file(candidates[relative]),
+                           spec["max_mb"] * 1024 * 1024, skipped)
     if not selected:
         raise ValueError(
             f"Domain {name!r}: no usable files (files per source: {matched}; skipped: {skipped}). Point its sources "
