@@ -161,16 +161,7 @@ class DistillTrainer(BaseDrafterTrainer):
         prompt_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         eos_ids = self.eos_token_ids()
-        generation_config = GenerationConfig(
-            do_sample=True,
-            temperature=self.args.generation_temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=self.args.max_new_tokens,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=eos_ids or None,
-            **(self.args.generation_kwargs or {}),
-        )
+        generation_config = self.generation_config(eos_ids)
         with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
@@ -189,6 +180,14 @@ class DistillTrainer(BaseDrafterTrainer):
                 }
             )
         return {key: value.to(device) for key, value in pad_rows(rows, self.pad_token_id).items()}
+
+    def generation_config(self, eos_ids: list[int]) -> GenerationConfig:
+        """On-policy / `seq_kd` generation: plain sampling at `generation_temperature`, with the user's
+        `generation_kwargs` replacing any of these fields (e.g. `{"top_p": 0.95}` or `{"do_sample": false}`)."""
+        fields = dict(do_sample=True, temperature=self.args.generation_temperature, top_k=0, top_p=1.0,
+                      max_new_tokens=self.args.max_new_tokens, pad_token_id=self.pad_token_id,
+                      eos_token_id=eos_ids or None)
+        return GenerationConfig(**{**fields, **(self.args.generation_kwargs or {})})
 
     # ----- loss ---------------------------------------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ trainers choose which tokens count and call `normalize_token_loss` once, so ever
 over tokens divided by the number of tokens that count, which is what makes gradients independent of how a batch
 is split into micro-batches and processes.
 
-Zero-probability entries (a teacher restricted by top-k / top-p, or `-inf` logits) are legal inputs: log
-probabilities are floored at the smallest positive float32 before they are multiplied, so `0 · log 0` is 0 and no
-NaN appears. A divergence that is infinite in exact arithmetic (reverse KL against a teacher with holes in its
+Zero-probability entries (a teacher restricted by top-k / top-p, or `-inf` logits) are legal inputs: a log
+probability of -inf is replaced by the log of the smallest positive float32 before it is multiplied, so `0 · log 0`
+is 0 and no NaN appears; finite log-probabilities are never changed, so their gradients stay exact. A divergence that is infinite in exact arithmetic (reverse KL against a teacher with holes in its
 support) is therefore large but finite, and its gradient pushes the student's mass out of the holes.
 """
 
@@ -34,9 +34,16 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
+def _floored(log_prob: torch.Tensor) -> torch.Tensor:
+    """Zero probabilities (log = -inf) at the floor; every finite log-probability, however small, stays exact and
+    keeps its gradient (a clamp would freeze the gradient of a student's very unlikely tokens)."""
+    return torch.where(torch.isneginf(log_prob), LOG_PROB_FLOOR, log_prob)
+
+
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per row, with both log-probabilities floored so that zero-probability entries contribute 0."""
-    return (log_p.exp() * (log_p.clamp(min=LOG_PROB_FLOOR) - log_q.clamp(min=LOG_PROB_FLOOR))).sum(-1)
+    """KL(p ‖ q) per row; zero-probability entries are floored, so they contribute 0 (p = 0) or a large finite
+    penalty (q = 0)."""
+    return (log_p.exp() * (_floored(log_p) - _floored(log_q))).sum(-1)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

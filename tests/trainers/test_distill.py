@@ -389,3 +389,15 @@ def test_student_dropout_is_disabled_by_default(tokenizer, tmp_path):
         layer.self_attn.attention_dropout = 0.3
     make_trainer(tokenizer, tmp_path, student=student)
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in student.model.layers)
+
+
+@pytest.mark.parametrize("generation_kwargs", [{"top_p": 0.95}, {"do_sample": False}, '{"top_k": 5, "temperature": 0.7}'])
+def test_generation_kwargs_override_the_on_policy_defaults(tokenizer, tmp_path, generation_kwargs):
+    """The help text's own example (top_p) and the fix the config's error recommends (do_sample=False) used to crash
+    with "got multiple values for keyword argument": the user's fields now replace the defaults."""
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=3, generation_kwargs=generation_kwargs)
+    batches, _ = trainer.get_batch_samples(iter([first_batch(trainer)]), 1, trainer.args.device)
+    assert batches[0]["data_source"] == "student"
+    expected = generation_kwargs if isinstance(generation_kwargs, dict) else {"top_k": 5, "temperature": 0.7}
+    config = trainer.generation_config(trainer.eos_token_ids())
+    assert all(getattr(config, key) == value for key, value in expected.items())

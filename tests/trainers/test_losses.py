@@ -135,3 +135,12 @@ def test_normalizer_uses_the_global_count_and_process_scale():
     assert normalize_token_loss(per_token, mask, num_items_in_batch=12).item() == pytest.approx(0.5)
     assert normalize_token_loss(per_token, mask, num_items_in_batch=12, num_processes=2).item() == pytest.approx(1.0)
     assert normalize_token_loss(torch.tensor([2.0, 4.0])).item() == pytest.approx(3.0)
+
+
+def test_forward_kl_keeps_its_gradient_where_the_student_is_nearly_certain():
+    """Student logits [100, 0] against a uniform teacher: log q = -100 for the second token, below the float32
+    floor. The floor used to be applied to the student's side too, which froze that entry's gradient (it came out
+    [0, -3e-42]); the exact forward-KL gradient is q - p = [0.5, -0.5]."""
+    student = torch.tensor([[100.0, 0.0]], requires_grad=True)
+    forward_kl(student, torch.zeros(1, 2)).sum().backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[0.5, -0.5]]))
