@@ -160,6 +160,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         model = load_causal_lm(model, args.model_init_kwargs, "model")
+        args = copy.copy(args)  # the caller's config stays as given (it may build another trainer)
         args.model_init_kwargs = None  # consumed: the base class must not load again
         target_config = (
             AutoConfig.from_pretrained(teacher_model) if isinstance(teacher_model, str) else teacher_model.config

@@ -297,3 +297,16 @@ if __name__ == "__main__":  # one SGD step on 2 processes (launched by torchrun 
             "teacher_is_ddp": isinstance(teacher, DistributedDataParallel),
         }
         (out / "facts.json").write_text(json.dumps(facts))
+
+
+def test_the_callers_config_is_not_changed(tmp_path):
+    """GuidedDrafterTrainer used to set the caller's `model_init_kwargs` to None (consumed): a config reused for a
+    second trainer then loaded the model without them."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer).save_pretrained(tmp_path / "drafter")
+    args = fast_args(GuidedDrafterConfig, tmp_path, verifier_layers=VERIFIER_LAYERS,
+                     model_init_kwargs={"dtype": "float32"})
+    GuidedDrafterTrainer(model=str(tmp_path / "drafter"),
+                         teacher_model=peaked_teacher(tokenizer), args=args, train_dataset=corpus_dataset(8),
+                         processing_class=tokenizer)
+    assert args.model_init_kwargs == {"dtype": "float32"}
