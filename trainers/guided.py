@@ -235,7 +235,8 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
         """The target's logits and its guide states `[B, S, L, H_v]`, from one forward."""
         self.teacher_model.eval()
         outputs = self.teacher_model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True,
+            use_cache=False,  # a training forward never reuses a KV cache
         )
         guided = self.accelerator.unwrap_model(self.model)
         return outputs.logits, guided.guide_states_from_hidden_states(outputs.hidden_states)

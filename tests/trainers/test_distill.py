@@ -401,3 +401,15 @@ def test_generation_kwargs_override_the_on_policy_defaults(tokenizer, tmp_path, 
     expected = generation_kwargs if isinstance(generation_kwargs, dict) else {"top_k": 5, "temperature": 0.7}
     config = trainer.generation_config(trainer.eos_token_ids())
     assert all(getattr(config, key) == value for key, value in expected.items())
+
+
+def test_training_forwards_build_no_kv_cache(tokenizer, tmp_path):
+    """Student and frozen teacher forwards used to build a KV cache every step (use_cache defaults to True), which a
+    training forward never reads: memory for nothing."""
+    trainer = make_trainer(tokenizer, tmp_path)
+    seen = []
+    for model in (trainer.model, trainer.teacher_model):
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                        with_kwargs=True)
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    assert seen == [False, False]
