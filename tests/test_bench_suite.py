@@ -185,10 +185,14 @@ def test_cli_builds_suite_configs():
     assert config.prompts == ("code", "my.jsonl") and config.pair_shape["hidden_size"] < 1024
     sorted_args = build_parser().parse_args(["bench", "--sorted-exits", "1,2"])
     assert "sorted" in suite_config_from_args(sorted_args).experiments
+    routing = suite_config_from_args(build_parser().parse_args(["bench", "--routing", "out/route"]))
+    assert routing.routing == "out/route"
+    assert routing.experiments == ("plain", "specialized_drafts", "adaptive_routing")  # --routing's default rows
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(experiments=("plain", "beam")), "Unknown experiments"),
+    (dict(experiments=("plain", "adaptive_routing")), "needs --routing"),
     (dict(target="some/model"), "need a drafter"),
     (dict(lab="x", target="y"), "either --lab or --target"),
     (dict(decodings=("greedy", "beam")), "greedy and/or sample"),
