@@ -120,9 +120,11 @@ class _Run:
         if self.auto is not None:
             self.auto.start((batch_size, model.device.type, self.compile_config is not None),
                             drafter.max_round_nodes(num_draft_tokens))
-        # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices)
+        # guided drafters read the target's hidden states at these layers (HF `hidden_states` indices): at each
+        # row's last accepted position ("last"), or at every position committed last round ("accepted", EAGLE-3)
         self.hidden_layers = list(getattr(drafter, "target_hidden_layers", ()) or ())
-        self.target_hidden = None  # [B_active, L, H] states at each row's last accepted position
+        self.hidden_scope = getattr(drafter, "target_hidden_scope", "last")
+        self.target_hidden = None  # [B_active, L, H] ("last") or [B_active, W, L, H] ("accepted")
         # routers read the prompt: the prefill's states at this layer, pooled over each prompt's real tokens
         self.feature_layer = getattr(drafter, "prompt_feature_layer", None)
         self.prompt_features = None
@@ -161,17 +163,27 @@ class _Run:
         rows = self.active
         pooled = None if self.feature_layer is None else PooledPrompt(self.feature_layer)
         layers = self.hidden_layers + ([] if pooled is None else [self.feature_layer])
+        prompt_states = [] if self.hidden_layers and self.hidden_scope == "accepted" else None
+
+        def on_chunk(chunk, valid):
+            if pooled is not None:
+                pooled.add(chunk.hidden_states, valid)
+            if prompt_states is not None:  # every prompt position, chunk by chunk
+                prompt_states.append(self._stacked_states(chunk))
+
         with self.clock("prefill"):
             outputs = self.target.prefill(self.sequences[rows, : self.prompt_length],
                                           self.token_mask[rows, : self.prompt_length], logits_to_keep=1,
                                           chunk_size=self.config.prefill_chunk_size,
-                                          on_chunk=None if pooled is None else (
-                                              lambda chunk, valid: pooled.add(chunk.hidden_states, valid)),
+                                          on_chunk=None if pooled is None and prompt_states is None else on_chunk,
                                           **(hidden_states_request(layers) if layers else {}))
             if pooled is not None:
                 self.prompt_features = pooled.features()
             logits = outputs.logits[:, -1:].float().to(self.device)
-            self._keep_hidden(outputs, torch.full((len(rows),), -1, device=self.device))
+            if prompt_states is not None:
+                self.target_hidden = torch.cat(prompt_states, dim=1)
+            else:
+                self._keep_hidden(outputs, torch.full((len(rows),), -1, device=self.device))
             processed = apply_processors(self.processors, logits, self._state().root_prefixes())
             if self.do_sample:
                 token = torch.multinomial(processed[:, 0].softmax(-1), 1)
@@ -197,11 +209,11 @@ class _Run:
         with self.clock("acceptance"):
             verdict = verify(processed, draft, self.do_sample)
         with self.clock("cache"):
-            self._keep_hidden(outputs, verdict.last_position)
             alive = ~self.finished[self.active]
             # chunk indices of what the target keeps: the root, then the accepted path
             root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
             kept = torch.cat([root, verdict.path + 1], dim=1)
+            self._keep_hidden(outputs, kept if self.hidden_scope == "accepted" else verdict.last_position)
             self.target.keep(kept, (verdict.num_accepted + 1) * alive, in_place=draft.is_chain)
             self.drafter.accept(state, draft, verdict.path, verdict.num_accepted)
         with self.clock("bookkeeping"):
@@ -304,9 +316,23 @@ class _Run:
         return hidden_states_request(self.hidden_layers) if self.hidden_layers else {}
 
     def _keep_hidden(self, outputs, positions: torch.Tensor):
-        """The target's states at each row's last accepted position (whose logits gave the bonus token)."""
+        """The target's states at chunk `positions`: [B] each row's last accepted position (whose logits gave the
+        bonus token) → [B, L, H]; or [B, W] the root and the accepted path → [B, W, L, H], entry j at the text
+        column `length before the round - 1 + j` (entries past the accepted path repeat the root)."""
         if not self.hidden_layers:
             return
+        states = self._layer_states(outputs)
+        positions = positions.to(states[0].device) % states[0].shape[1]
+        rows = torch.arange(len(positions), device=positions.device)
+        where = (rows[:, None], positions) if positions.dim() == 2 else (rows, positions)
+        self.target_hidden = torch.stack([layer[where] for layer in states], dim=-2)
+
+    def _stacked_states(self, outputs) -> torch.Tensor:
+        """[B, Q, L, H]: the target's states at `hidden_layers` for every position of a forward."""
+        return torch.stack(self._layer_states(outputs), dim=2)
+
+    def _layer_states(self, outputs) -> list:
+        """The target's states `[B, Q, H]` at each of `hidden_layers`, checked."""
         states = outputs.hidden_states
         if states is None or any(index >= len(states) or states[index] is None for index in self.hidden_layers):
             raise ValueError(
@@ -314,10 +340,7 @@ class _Run:
                 f"{type(self.model).__name__} returned {0 if states is None else len(states)} of them; pick layers "
                 "the target has (hidden_states[i] is the input of decoder layer i)."
             )
-        first = states[self.hidden_layers[0]]
-        positions = positions.to(first.device) % first.shape[1]
-        rows = torch.arange(len(positions), device=positions.device)
-        self.target_hidden = torch.stack([states[index][rows, positions] for index in self.hidden_layers], dim=1)
+        return [states[index] for index in self.hidden_layers]
 
     # ------------------------------------------------------------------ bookkeeping
     def _state(self) -> DecodingState:

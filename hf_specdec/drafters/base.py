@@ -75,7 +75,11 @@ class DecodingState:
     row_ids: torch.Tensor  # index of each active row in the generate() call's batch
     batch: BatchText  # every row of the generate() call (after num_return_sequences expansion)
     target_config: object = None
-    target_hidden: torch.Tensor | None = None  # [B, L, H] target states at `target_hidden_layers`, last accepted position
+    # target states at `target_hidden_layers`: [B, L, H] at the last accepted position (target_hidden_scope "last"),
+    # or [B, W, L, H] at the text columns `c0 .. c0 + W - 1` ("accepted"): after the prefill every prompt column
+    # (c0 = 0), after a round the root and the accepted path (c0 = the root's column; entries past the path are
+    # filler). See `Drafter.target_hidden_scope`.
+    target_hidden: torch.Tensor | None = None
     prompt_length: int = 0  # width of the left-padded prompt
     host_text_length: int = 0  # an upper bound of lengths.max(), known on the host
     clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`
@@ -109,6 +113,9 @@ class Drafter(ABC):
 
     #: target layers whose hidden states the drafter needs from every verify forward (guided drafters)
     target_hidden_layers: tuple[int, ...] = ()
+    #: "last": the states at each row's last accepted position (guided drafters); "accepted": at every position
+    #: the target committed, prompt included (EAGLE-3 heads read one state per committed token)
+    target_hidden_scope: str = "last"
     #: a `hidden_states` index the engine mean-pools over each prompt's real tokens at prefill into
     #: `state.prompt_features` (routers read the prompt from the target's own prefill)
     prompt_feature_layer: int | None = None

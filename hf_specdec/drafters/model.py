@@ -194,8 +194,12 @@ class ModelDrafter(Drafter):
         super().accept(state, draft, path, num_accepted)
         if self._draft_ranks is not None:  # a sampled tree: learn how often each sibling rank is accepted
             self.sibling_acceptance.record(draft, self._draft_ranks, path, num_accepted)
-        if not self._fed_tentative:  # nothing was fed this round
-            return
+        if self._fed_tentative:  # (nothing was fed this round otherwise)
+            self._resolve_round(path, num_accepted)
+
+    def _resolve_round(self, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Keep the accepted draft nodes' cache entries (the drafter computed them from the same tokens the
+        target accepted) and drop the rest of the round."""
         counts = self.cache.keep_path(self._accepted_node_ids(path), num_accepted, in_place=self.tree is None)
         self.fed = self.fed + counts.to(self.fed.device)
 
