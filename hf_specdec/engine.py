@@ -81,6 +81,7 @@ class _Run:
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("Streaming speculative decoding supports batch size 1 (rows advance by different "
                              "numbers of tokens each round); drop the streamer or generate one prompt at a time.")
+        drafter.bind(model)
         self.model, self.config, self.drafter, self.streamer = model, config, drafter, streamer
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.processors = list(logits_processor or [])

@@ -6,7 +6,7 @@ import torch
 from conftest import left_padded_batch, perturbed_copy, rotating_routed_drafter, tiny_model
 from transformers import CompileConfig
 
-from hf_specdec import ModelDrafter, NGramDrafter, TreeConfig
+from hf_specdec import Eagle3DraftModel, ModelDrafter, NGramDrafter, TreeConfig
 from hf_specdec.schedule import AutoSchedule, CostModel, expected_tokens
 
 
@@ -43,6 +43,22 @@ def test_compiled_routed_rows_switching_drafters_equal_plain(pair):
         plain = target.generate(**batch, max_new_tokens=16, do_sample=False)
         routed = rotating_routed_drafter({"a": ModelDrafter(draft, num_draft_tokens=4), "b": NGramDrafter(2, 3)})
         ours = target.generate(**batch, max_new_tokens=16, do_sample=False, assistant_model=routed,
+                               compile_config=config)
+        assert torch.equal(ours, plain)
+
+
+def test_compiled_eagle3_chains_and_trees_equal_plain(pair):
+    """An EAGLE-3 tree through captured forwards: its catch-up feeds a fixed width every round."""
+    target, _ = pair
+    torch.manual_seed(0)
+    head = Eagle3DraftModel.from_target(target.config, draft_vocab=torch.arange(0, 96, 2),
+                                        aux_hidden_state_layer_ids=[0, 1, 2]).eval()
+    config = CompileConfig(fullgraph=False)
+    drafter = head.as_drafter(tree=TreeConfig(3, 2, 5))  # (chains take the same catch-up and node path)
+    for seed in (1, 2):
+        batch = left_padded_batch(96, [7, 3, 9], seed=seed)
+        plain = target.generate(**batch, max_new_tokens=12, do_sample=False)
+        ours = target.generate(**batch, max_new_tokens=12, do_sample=False, assistant_model=drafter,
                                compile_config=config)
         assert torch.equal(ours, plain)
 

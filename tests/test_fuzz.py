@@ -21,7 +21,7 @@ import torch
 from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, tiny_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
+from hf_specdec import Eagle3DraftModel, GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 from hf_specdec.testing import character_tokenizer, tiny_causal_lm
 
 VOCAB = 96
@@ -72,8 +72,8 @@ class Case:
         draw = random.Random(number)
         self.number = number
         self.arch = draw.choice(ARCHS)
-        self.kind = draw.choice(("model", "ngram", "sorted", "guided", "routed") if self.arch in LLAMA_STYLE
-                                else ("model", "ngram", "routed"))
+        self.kind = draw.choice(("model", "ngram", "sorted", "guided", "routed", "eagle3") if self.arch in LLAMA_STYLE
+                                else ("model", "ngram", "routed", "eagle3"))
         self.routing = draw.choice(("router", "rotating"))
         depth = draw.randint(1, 4)
         self.tree = TreeConfig(depth, top_k=2, max_nodes=draw.randint(1, min(6, 2 + (depth - 1) * 4))) \
@@ -135,6 +135,12 @@ class Case:
             with torch.no_grad():
                 guided.guide.projection.weight.normal_(generator=torch.Generator().manual_seed(self.number))
             return guided.eval().as_drafter(num_draft_tokens=self.num_draft_tokens, tree=self.tree)
+        if self.kind == "eagle3":  # a random head over most of the vocabulary, reading target states 1..3
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.number)
+                head = Eagle3DraftModel.from_target(target.config, draft_vocab=torch.arange(0, VOCAB - 5),
+                                                    aux_hidden_state_layer_ids=[1, 2, 3])
+            return head.eval().as_drafter(num_draft_tokens=self.num_draft_tokens, tree=self.tree)
         return ModelDrafter(draft, num_draft_tokens=self.num_draft_tokens, tree=self.tree)
 
     def batch(self):
@@ -229,7 +235,7 @@ def test_the_fuzz_draws_every_dimension():
     """The case generator reaches every architecture, drafter, shape and decoding in CI's default size."""
     cases = [Case(number) for number in range(200)]
     assert {c.arch for c in cases} == set(ARCHS)
-    assert {c.kind for c in cases} == {"model", "ngram", "sorted", "guided", "routed"}
+    assert {c.kind for c in cases} == {"model", "ngram", "sorted", "guided", "routed", "eagle3"}
     assert {c.routing for c in cases if c.kind == "routed"} == {"router", "rotating"}
     assert {c.tree is None for c in cases} == {True, False} and {c.do_sample for c in cases} == {True, False}
     assert any(len(c.lengths) > 1 and len(set(c.lengths)) > 1 for c in cases)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, tiny_model
 
-from hf_specdec import GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
+from hf_specdec import Eagle3DraftModel, GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 
 VOCAB, NEW_TOKENS, SAMPLES = 8, 4, 20_000
 PROMPTS = [[3, 5, 3, 6, 3, 5], [4, 7, 4]]  # repetitive, so n-gram lookup proposes drafts too
@@ -96,6 +96,15 @@ def guided(target, draft):
     return model.eval()
 
 
+def eagle3_head(target):
+    """A random EAGLE-3 head over 6 of the 8 tokens (q = 0 for the other two) reading the target's states 1 and 2."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        head = Eagle3DraftModel.from_target(target.config, draft_vocab=torch.tensor([0, 1, 3, 4, 5, 6]),
+                                            aux_hidden_state_layer_ids=[1, 2])
+    return head.eval()
+
+
 def drafter_for(kind, target):
     draft = perturbed_copy(target, noise=0.4, seed=2)
     return {
@@ -113,6 +122,8 @@ def drafter_for(kind, target):
         "sorted-tree": lambda: SortedDrafter(draft, exits=[1, 2], thresholds=[0.3], tree=TreeConfig(3, 2, 6)),
         "guided-chain": lambda: guided(target, draft).as_drafter(num_draft_tokens=3),
         "guided-tree": lambda: guided(target, draft).as_drafter(tree=TreeConfig(3, 2, 6)),
+        "eagle3-chain": lambda: eagle3_head(target).as_drafter(num_draft_tokens=3),
+        "eagle3-tree": lambda: eagle3_head(target).as_drafter(tree=TreeConfig(3, 2, 6)),
         # the two prompts' rows drafted by different drafters (a sampled chain, n-gram tries with one-hot q) ...
         "routed-split": lambda: RoutedDrafter({"a": ModelDrafter(draft, num_draft_tokens=3),
                                               "b": NGramDrafter(2, tree=TreeConfig(3, 2, 6))}, router=SplitRouter()),
@@ -145,8 +156,9 @@ CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting i
     ("model-tree-wide", "top-k"), ("model-tree-far", "temperature")] + [
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
                                                                             "no-repeat-ngram")] + [
-    (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree")
-    for setting in ("temperature", "top-p")] + [
+    (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree", "eagle3-chain",
+                                 "eagle3-tree")
+    for setting in ("temperature", "top-p")] + [("eagle3-tree", "repetition-penalty")] + [
     (kind, setting) for kind in ("routed-split", "routed-rotating") for setting in ("temperature", "top-k")]
 
 

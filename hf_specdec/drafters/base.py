@@ -138,6 +138,10 @@ class Drafter(ABC):
         self._row_draft_tokens: torch.Tensor | None = None
 
     # -- lifecycle, called by the engine --------------------------------------------------------------------
+    def bind(self, target) -> None:
+        """Called first in every generate(), before the engine reads `target_hidden_layers`: a drafter whose needs
+        depend on the target (e.g. default layers) settles them here."""
+
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
         """Called once per generate() after the target's prefill. Validate, build per-call state."""
         self.draft_length = num_draft_tokens or self.num_draft_tokens

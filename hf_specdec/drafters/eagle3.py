@@ -22,6 +22,7 @@ import torch
 
 from ..cache import CAPACITY_BUCKET
 from ..draft import Draft
+from ..eagle3.modeling import Eagle3DraftModel, default_aux_layer_ids
 from .base import DecodingState, TreeConfig
 from .model import ModelDrafter
 
@@ -34,24 +35,25 @@ class Eagle3Drafter(ModelDrafter):
     target_hidden_scope = "accepted"
 
     def __init__(self, model, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
-        from ..eagle3 import Eagle3DraftModel
-
         if not isinstance(model, Eagle3DraftModel):
             raise TypeError(f"Eagle3Drafter needs an hf_specdec.eagle3.Eagle3DraftModel, got {type(model).__name__}; "
                             "load heads with Eagle3DraftModel.from_pretrained(...).")
         super().__init__(model, num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)
-        ids = model.config.aux_hidden_state_layer_ids
-        if not ids:
-            raise ValueError("This EAGLE-3 head does not say which target states it reads; set "
-                             "`config.aux_hidden_state_layer_ids` (hidden_states indices, low to high).")
-        self.target_hidden_layers = tuple(ids)
         self.hidden_size = model.config.hidden_size
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
-        check_target(target, self.model.config)
+    def bind(self, target) -> None:
+        """Read the target's states the head names (EAGLE-3's default (2, L // 2, L - 3) when a checkpoint names
+        none, as vLLM does) and share the target's embedding."""
+        config = self.model.config
+        if config.aux_hidden_state_layer_ids is None:
+            config.aux_hidden_state_layer_ids = default_aux_layer_ids(target.config.get_text_config().num_hidden_layers)
+        check_target(target, config)
+        self.target_hidden_layers = tuple(config.aux_hidden_state_layer_ids)
         if self.model.get_input_embeddings() is not target.get_input_embeddings():
             self.model.attach_target(target)
+
+    def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
         super().start(target, state, num_draft_tokens)
         self.fed = torch.zeros_like(state.lengths)  # text columns whose pair the head holds: [0, fed)
         self.catch_up_width = 1 + (self.tree.depth if self.tree is not None else self.max_round_nodes(self.draft_length))

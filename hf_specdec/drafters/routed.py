@@ -344,6 +344,9 @@ def _check_drafters(drafters) -> None:
         if not isinstance(drafter, Drafter) or isinstance(drafter, RoutedDrafter):
             raise TypeError(f"RoutedDrafter's drafter {name!r} must be an hf_specdec Drafter (not a RoutedDrafter), "
                             f"got {type(drafter).__name__}; wrap models with ModelDrafter(model).")
+        if drafter.target_hidden_scope != "last":
+            raise ValueError(f"Drafter {name!r} ({type(drafter).__name__}) reads the target's state at every "
+                             "committed position, which a routed drafter does not hand over yet; use it on its own.")
         if drafter.auto is not None:
             raise ValueError(f"Drafter {name!r} uses schedule='auto', which times whole rounds for one drafter; give "
                              "RoutedDrafter's drafters a 'constant' or 'heuristic' schedule (its policy can stop "

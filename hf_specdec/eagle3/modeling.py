@@ -95,8 +95,12 @@ class Eagle3Config(PretrainedConfig):
 
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
-    """EAGLE-3's low / middle / high target states as `hidden_states` indices: (2, L // 2, L - 3)."""
-    return [2, num_hidden_layers // 2, num_hidden_layers - 3]
+    """EAGLE-3's low / middle / high target states as `hidden_states` indices: (2, L // 2, L - 3), the default of
+    EAGLE, vLLM and speculators; for targets too shallow for three distinct ones, the states at 1/4, 1/2, 3/4."""
+    ids = [2, num_hidden_layers // 2, num_hidden_layers - 3]
+    if len(set(ids)) == 3 and ids == sorted(ids):
+        return ids
+    return sorted({max(1, round(num_hidden_layers * share)) for share in (0.25, 0.5, 0.75)})
 
 
 @dataclass
@@ -121,12 +125,17 @@ class Eagle3Attention(nn.Module):
         self.k_proj = nn.Linear(2 * hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(2 * hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.model_type == "qwen3":  # Qwen3 layers normalise each head's queries and keys
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, x, position_embeddings, attention_mask, cache=None):
         batch, length, _ = x.shape
         shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(x).view(shape).transpose(1, 2)
-        key = self.k_proj(x).view(shape).transpose(1, 2)
+        query, key = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
+        if hasattr(self, "q_norm"):
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(x).view(shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
@@ -180,11 +189,11 @@ class Eagle3DraftModel(PreTrainedModel):
         num_states = len(config.aux_hidden_state_layer_ids or [None] * 3)
         self.embed_tokens = nn.Embedding(layer.vocab_size, hidden, padding_idx=getattr(layer, "pad_token_id", None))
         self.embed_tokens.weight.requires_grad_(False)  # the target's embedding: never trained
-        if config.fc_norm:
-            self.fc_norms = nn.ModuleList(LlamaRMSNorm(target_hidden, eps=layer.rms_norm_eps)
-                                          for _ in range(num_states))
-        if config.norm_before_fc:
-            self.fc_norm = LlamaRMSNorm(num_states * target_hidden, eps=layer.rms_norm_eps)
+        if config.fc_norm:  # one norm per target state
+            self.fc_norm = nn.ModuleList(LlamaRMSNorm(target_hidden, eps=layer.rms_norm_eps)
+                                         for _ in range(num_states))
+        if config.norm_before_fc:  # one norm over their concatenation
+            self.input_norm = LlamaRMSNorm(num_states * target_hidden, eps=layer.rms_norm_eps)
         self.fc = nn.Linear(num_states * target_hidden, hidden, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(config)])
         self.norm = LlamaRMSNorm(hidden, eps=layer.rms_norm_eps)
@@ -194,6 +203,7 @@ class Eagle3DraftModel(PreTrainedModel):
         self.register_buffer("t2d", torch.ones(layer.vocab_size, dtype=torch.bool)
                              if config.draft_vocab_size == layer.vocab_size else
                              torch.zeros(layer.vocab_size, dtype=torch.bool))
+        self.generation_config = None  # not a generator itself (get_compiled_call reads this)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -204,10 +214,11 @@ class Eagle3DraftModel(PreTrainedModel):
         """A fresh head for a target: its layer shaped like one of the target's (heads, RoPE, norms), over the
         draft vocabulary `draft_vocab` (sorted target ids; None = the whole vocabulary)."""
         text = target_config.get_text_config()
-        layer = LlamaConfig(**{key: value for key, value in text.to_dict().items() if key in _LAYER_KEYS})
-        layer.num_hidden_layers = 1
-        if intermediate_size is not None:
-            layer.intermediate_size = intermediate_size
+        # attribute access: other families name these fields differently (attribute_map, e.g. GPT-2's n_embd)
+        fields = {key: getattr(text, key) for key in _LAYER_KEYS if getattr(text, key, None) is not None}
+        fields["intermediate_size"] = (intermediate_size or getattr(text, "intermediate_size", None)
+                                       or getattr(text, "n_inner", None) or 4 * text.hidden_size)
+        layer = LlamaConfig(num_hidden_layers=1, **fields)
         ids = aux_hidden_state_layer_ids or default_aux_layer_ids(text.num_hidden_layers)
         check_layer_ids(ids, text.num_hidden_layers)
         config = Eagle3Config(
@@ -219,6 +230,27 @@ class Eagle3DraftModel(PreTrainedModel):
         if draft_vocab is not None:
             model.set_draft_vocabulary(draft_vocab)
         return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device=None,
+                        **kwargs) -> Eagle3DraftModel:
+        """Load a head from a local folder or Hub id in the speculators or the native EAGLE-3 format (detected
+        from its config.json, read as data: no remote code runs). `dtype` defaults to the saved one."""
+        from .formats import load_eagle3
+
+        if args:
+            raise TypeError("Eagle3DraftModel.from_pretrained takes the path and keyword arguments only.")
+        device = device if device is not None else kwargs.pop("device_map", None)
+        return load_eagle3(pretrained_model_name_or_path, dtype=dtype or torch_dtype, device=device, **kwargs)
+
+    def save_pretrained(self, save_directory, format: str = "speculators", save_embedding: bool = False,
+                        **kwargs) -> None:
+        """Write the head for the serving engines: `format="speculators"` (vLLM, speculators; what
+        `from_pretrained` reads back) or `"eagle3"` (native: SGLang, SpecForge, EAGLE). The embedding is the
+        target's and is left out unless `save_embedding=True`."""
+        from .formats import save_eagle3
+
+        save_eagle3(self, str(save_directory), format=format, save_embedding=save_embedding, **kwargs)
 
     def set_draft_vocabulary(self, target_ids: torch.Tensor) -> None:
         """Draft id d ↔ target id `target_ids[d]` (sorted, distinct): fills `d2t` (offsets) and `t2d`."""
@@ -291,10 +323,10 @@ class Eagle3DraftModel(PreTrainedModel):
                              f"[..., {num_states * target_hidden}], got {tuple(features.shape)}.")
         features = features.to(self.fc.weight.dtype)
         if self.config.fc_norm:
-            features = torch.stack([norm(features[..., i, :]) for i, norm in enumerate(self.fc_norms)], dim=-2)
+            features = torch.stack([norm(features[..., i, :]) for i, norm in enumerate(self.fc_norm)], dim=-2)
         features = features.flatten(-2)
         if self.config.norm_before_fc:
-            features = self.fc_norm(features)
+            features = self.input_norm(features)
         return self.fc(features)
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor | None = None,
@@ -324,7 +356,7 @@ class Eagle3DraftModel(PreTrainedModel):
         return Eagle3Output(logits=logits, hidden_states=next_state, cache=cache)
 
 
-_LAYER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+_LAYER_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
                "rope_scaling", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
                "tie_word_embeddings")
