@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-# what `--drafter KIND=PATH` accepts; eagle3 is refused with a message until EAGLE-3 heads are supported
-DRAFTER_KINDS = ("model", "sorted", "guided", "ngram", "routed", "eagle3")
-SHORT_KINDS = "model=PATH, sorted=PATH, guided=PATH, routed=DIR, ngram[=N]"
-CHECKPOINT_KINDS = ("auto", "model", "sorted", "guided")  # kinds whose PATH is a checkpoint (auto: --draft PATH)
+# what `--drafter KIND=PATH` accepts
+DRAFTER_KINDS = ("model", "sorted", "guided", "eagle3", "ngram", "routed")
+SHORT_KINDS = "model=PATH, sorted=PATH, guided=PATH, eagle3=PATH, routed=DIR, ngram[=N]"
+CHECKPOINT_KINDS = ("auto", "model", "sorted", "guided", "eagle3")  # kinds whose PATH is a checkpoint (auto: --draft)
 # a lab's drafters in order of preference when --lab is given without --drafter: the compute-matched forward-KL
 # distillation is the lab's best plain drafter; distill-fkl is its shorter-trained twin
 LAB_DEFAULT_DRAFTERS = ("distill-fkl-long", "distill-fkl", "distill-all")
@@ -53,14 +53,9 @@ class DrafterChoice:
 def parse_drafter(text: str) -> DrafterChoice:
     """`--drafter KIND=PATH`, `--drafter ngram[=N]` or, with --lab, `--drafter NAME` (checked once the lab is read)."""
     kind, has_path, path = text.partition("=")
-    if kind == "eagle3":
-        raise argparse.ArgumentTypeError(
-            "EAGLE-3 heads are not supported yet by hf_specdec; draft with model=PATH, sorted=PATH, guided=PATH, "
-            "routed=DIR or ngram instead.")
     if kind not in DRAFTER_KINDS:
         if has_path:
-            raise argparse.ArgumentTypeError(f"unknown drafter kind {kind!r}; choose one of: {SHORT_KINDS} "
-                                             "(EAGLE-3 heads are not supported yet)")
+            raise argparse.ArgumentTypeError(f"unknown drafter kind {kind!r}; choose one of: {SHORT_KINDS}")
         return DrafterChoice("lab", text)
     if kind == "ngram":
         if path and not (path.isdigit() and int(path) >= 1):
@@ -391,7 +386,7 @@ def make_drafter(choice: DrafterChoice, args, target) -> tuple[Any, str]:
 
 
 def checkpoint_drafter(kind: str, name_or_path: str, args, target) -> tuple[Any, str]:
-    """A plain, sorted or guided drafter from a checkpoint; `kind` "auto" takes what the checkpoint holds, "model"
+    """A plain, sorted, guided or EAGLE-3 drafter from a checkpoint; `kind` "auto" takes what the checkpoint holds, "model"
     also drafts with a sorted checkpoint's full depth."""
     from .drafters import ModelDrafter, drafter_kind, load_drafter, load_drafter_model
 

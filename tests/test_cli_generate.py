@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_specdec import cli, generate_cli, testing
+from hf_specdec import Eagle3DraftModel, cli, generate_cli, testing
 from hf_specdec.generate_cli import DRAFT_STYLE, RESET_STYLE, TerminalStreamer
 from hf_specdec.testing import SyntheticTokenizer, character_tokenizer, tiny_causal_lm
 
@@ -38,6 +38,8 @@ def models(tmp_path_factory):
     tiny_causal_lm(vocab_size=VOCAB, num_layers=2, seed=0, eos_token_id=None).save_pretrained(root / "target")
     character_tokenizer(VOCAB).save_pretrained(root / "target")
     tiny_causal_lm(vocab_size=VOCAB, num_layers=1, seed=1).save_pretrained(root / "draft")
+    target_config = tiny_causal_lm(vocab_size=VOCAB, num_layers=2, seed=0).config
+    Eagle3DraftModel.from_target(target_config, aux_hidden_state_layer_ids=[0, 1, 2]).save_pretrained(root / "head")
     chat = character_tokenizer(VOCAB)
     chat.chat_template = CHAT_TEMPLATE
     chat.save_pretrained(root / "chat_tokenizer")
@@ -134,6 +136,8 @@ def test_streamer_waits_for_the_last_byte_of_a_character():
     ["--drafter", "model={models}/draft", "--tree", "3,2,6"],
     ["--drafter", "ngram"],
     ["--drafter", "ngram=2", "--schedule", "heuristic"],
+    ["--drafter", "eagle3={models}/head", "--tree", "3,2,6"],
+    ["--draft", "{models}/head"],  # the kind is read off the checkpoint
 ])
 def test_greedy_output_equals_plain_generate(models, drafter):
     drafter = [arg.format(models=models) for arg in drafter]
@@ -205,7 +209,6 @@ def test_stats_lines_per_routed_drafter():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--drafter", "eagle3=heads"], "EAGLE-3 heads are not supported yet"),
     (["--drafter", "medusa=heads"], "unknown drafter kind 'medusa'; choose one of: model=PATH, sorted=PATH"),
     (["--drafter", "sorted"], "--drafter sorted needs a checkpoint: --drafter sorted=PATH"),
     (["--drafter", "ngram=x"], "N is the longest n-gram"),

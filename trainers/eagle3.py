@@ -1,0 +1,351 @@
+"""EAGLE-3: train a head (`hf_specdec.eagle3.Eagle3DraftModel`) over its frozen target's own hidden states.
+
+Each step runs the target once (no grad) on the batch. Its `hidden_states` at the head's `aux_hidden_state_layer_ids`
+are the features, its logits the teacher. Row t pairs the feature at t with the token at t + 1 and predicts the
+token at t + 2, whose teacher distribution is the target's at t + 1.
+
+Training-time test (TTT): at inference the head drafts several tokens deep, and every draft step after the first
+reads the previous step's output state instead of a target state (a draft token has none). Training unrolls the
+same computation `ttt_steps` deep. Step i, row t is the chain rooted at the committed pair (feature t, token t + 1),
+i tokens deep: it reads step i − 1's output at row t with the token at t + 1 + i, sits at position t + i (the
+previous step's state moves one position on) and predicts the token at t + 2 + i. Its query sees what the drafter's
+query sees at that depth: the committed pairs up to its root (step-0 keys at positions ≤ t) and its own chain (the
+step-j keys of row t, j = 1..i; the head's cache concatenates each step's keys). SpecForge and the EAGLE-3
+reference code also hide step-0 keys t − i + 1..t from step i; inference does not, so neither does this.
+
+Loss: at every step and trained row, a per-token divergence (`divergence`, forward KL by default: SpecForge's soft
+cross-entropy minus the target's entropy, so the same gradients) between the head and the target's distribution
+restricted to the draft vocabulary; rows whose target argmax is outside it are skipped (the head cannot propose
+that token). Step i is weighted `ttt_decay ** i`; the sum is divided by the number of trained step-0 rows in the
+optimizer step (`count_loss_tokens`), which keeps gradients exact under accumulation and across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, DynamicCache, set_seed
+
+from hf_specdec.eagle3 import Eagle3DraftModel
+from hf_specdec.eagle3.modeling import check_layer_ids
+
+from .base import BaseDrafterConfig, BaseDrafterTrainer, call_inside_forward, check_same_tokenizer, load_causal_lm
+from .losses import IGNORE_INDEX, normalize_token_loss
+
+
+@dataclass
+class Eagle3TrainingConfig(BaseDrafterConfig):
+    """Configuration of `Eagle3Trainer`: `TrainingArguments`, the shared drafter-training fields (`divergence`,
+    `temperature`, `max_length`, ...) and the EAGLE-3 fields below."""
+
+    ttt_steps: int = field(
+        default=7,
+        metadata={"help": "Training-time test length: draft steps unrolled per position (EAGLE-3 and SpecForge: 7). "
+                  "Step i trains the head's (i + 1)-th draft token, which reads its own earlier output states."},
+    )
+    ttt_decay: float = field(
+        default=0.8,
+        metadata={"help": "Loss weight of TTT step i is ttt_decay ** i (EAGLE-3: 0.8): later draft tokens are only "
+                  "reached when the earlier ones are accepted."},
+    )
+    draft_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "A fresh head (no `model` given) drafts over the draft_vocab_size most frequent trained "
+                  "tokens of the training set, plus the target's EOS / PAD (see `build_draft_vocabulary`). None: "
+                  "the target's whole vocabulary. A given head keeps its own."},
+    )
+    aux_hidden_state_layer_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Target hidden_states indices a fresh head reads (0 = embeddings, k = output of decoder "
+                  "layer k - 1), low to high. None: EAGLE-3's (2, L // 2, L - 3). A given head keeps its own."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps must be at least 1 (the first draft step), got {self.ttt_steps}.")
+        if self.ttt_decay <= 0:
+            raise ValueError(f"ttt_decay must be > 0, got {self.ttt_decay}.")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be at least 1, got {self.draft_vocab_size}.")
+        if self.aux_hidden_state_layer_ids is not None and not self.aux_hidden_state_layer_ids:
+            raise ValueError("aux_hidden_state_layer_ids is empty: give target hidden_states indices, e.g. [2, 16, 29].")
+
+
+# ----- the draft vocabulary ---------------------------------------------------------------------------------------
+
+
+def token_counts(dataset_or_token_ids, vocab_size: int) -> torch.Tensor:
+    """`[vocab_size]` occurrences of each id: in a tokenized dataset's trained `labels` (its `input_ids` when it has
+    no labels), or in a tensor / (nested) list of ids. -100 (untrained) is skipped."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    if hasattr(dataset_or_token_ids, "column_names"):
+        column = "labels" if "labels" in dataset_or_token_ids.column_names else "input_ids"
+        chunks = (sum(batch[column], []) for batch in dataset_or_token_ids.iter(batch_size=1024))
+    else:
+        chunks = [dataset_or_token_ids]
+    for chunk in chunks:
+        ids = _flat_ids(chunk)
+        ids = ids[ids != IGNORE_INDEX]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"Token ids must lie in [0, {vocab_size}) (the target's vocabulary), got "
+                             f"{int(ids.min())}..{int(ids.max())}.")
+        counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def _flat_ids(ids) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        return ids.flatten().long()
+    if ids and isinstance(ids[0], (list, tuple)):
+        ids = [token for row in ids for token in row]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def build_draft_vocabulary(dataset_or_token_ids, target_vocab_size: int, draft_vocab_size: int,
+                           special_token_ids: Iterable[int] = ()) -> torch.Tensor:
+    """The draft vocabulary: sorted target ids of the `special_token_ids` (always kept: a head that cannot propose
+    EOS never finishes a draft) and of the most frequent tokens (see `token_counts`), ties broken by the lower id,
+    `draft_vocab_size` in all."""
+    if not 1 <= draft_vocab_size <= target_vocab_size:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size} must be in [1, {target_vocab_size}] (the target's "
+                         "vocabulary).")
+    special = sorted({int(i) for i in special_token_ids})
+    if any(not 0 <= i < target_vocab_size for i in special):
+        raise ValueError(f"Special token ids {special} must lie in [0, {target_vocab_size}).")
+    if len(special) > draft_vocab_size:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size} cannot hold the {len(special)} special tokens "
+                         f"{special} that every draft vocabulary keeps.")
+    counts = token_counts(dataset_or_token_ids, target_vocab_size)
+    counts[special] = -1  # placed separately, never twice
+    by_frequency = torch.argsort(-counts, stable=True)  # stable: equal counts stay in id order
+    chosen = torch.cat([torch.tensor(special, dtype=torch.long), by_frequency[: draft_vocab_size - len(special)]])
+    return chosen.sort().values
+
+
+def generation_special_ids(target) -> list[int]:
+    """The EOS and PAD ids the target's generation config names (either may be a list, or absent)."""
+    config = getattr(target, "generation_config", None)
+    ids = []
+    for value in (getattr(config, "eos_token_id", None), getattr(config, "pad_token_id", None)):
+        ids += value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    return ids
+
+
+# ----- the TTT unroll ---------------------------------------------------------------------------------------------
+
+
+def chain_roots(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bool `[B, T - 1]`: row t's pair (feature t, token t + 1) is real text, so a draft chain can start there."""
+    real = attention_mask.bool()
+    return real[:, :-1] & real[:, 1:]
+
+
+def step_targets(labels: torch.Tensor, roots: torch.Tensor, step: int) -> torch.Tensor:
+    """Bool `[B, T - 2 - step]`: rows t whose TTT step `step` predicts a trained token (the one at t + 2 + step)
+    from a real chain root."""
+    rows = max(labels.shape[1] - 2 - step, 0)
+    return (labels[:, 2 + step :] != IGNORE_INDEX) & roots[:, :rows]
+
+
+def ttt_attention_mask(roots: torch.Tensor, step: int) -> torch.Tensor:
+    """Bool `[B, 1, R, (step + 1) R]` over the keys of steps 0..step (the cache's order): the query of row t sees the
+    real committed pairs up to its root (step-0 keys ≤ t) and its own chain (row t of steps 1..step). Every query
+    sees its own key, so no row is left with nothing to attend to."""
+    rows = roots.shape[1]
+    index = torch.arange(rows, device=roots.device)
+    committed = (index[None, :] <= index[:, None])[None] & roots[:, None, :]
+    own_chain = (index[None, :] == index[:, None])[None].expand(len(roots), -1, -1)
+    return torch.cat([committed | own_chain, *[own_chain] * step], dim=-1)[:, None]
+
+
+def ttt_unroll(head: Eagle3DraftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               features: torch.Tensor, ttt_steps: int, pad_token_id: int = 0) -> list[torch.Tensor]:
+    """The head's logits `[B, T - 1, V_draft]` at every TTT step (see the module docstring): row t of step i drafts
+    the token at t + 2 + i from the chain rooted at the pair (`features[:, t]`, `input_ids[:, t + 1]`).
+
+    `features` is `[B, T, n, H_t]` or `[B, T, n·H_t]` (the target's states at the head's layers). Rows whose token
+    would lie past the end read `pad_token_id`; only their own chain sees them."""
+    roots = chain_roots(attention_mask)
+    rows = roots.shape[1]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :rows]  # as the drafter counts committed pairs
+    padded = F.pad(input_ids, (0, ttt_steps), value=pad_token_id)
+    cache = DynamicCache()
+    state, step_logits = None, []
+    for step in range(ttt_steps):
+        tokens = padded[:, 1 + step : 1 + step + rows]
+        inputs = {"features": features[:, :rows]} if step == 0 else {"hidden_states": state}
+        out = head(input_ids=tokens, attention_mask=ttt_attention_mask(roots, step), position_ids=positions + step,
+                   cache=cache, **inputs)
+        state = out.hidden_states
+        step_logits.append(out.logits)
+    return step_logits
+
+
+# ----- the trainer ------------------------------------------------------------------------------------------------
+
+
+class Eagle3Trainer(BaseDrafterTrainer):
+    """Train an EAGLE-3 head (`model`) for its frozen target (`teacher_model`); see the module docstring.
+
+    `model` is an `Eagle3DraftModel`, a path to one, or None: a fresh head is built for the target
+    (`Eagle3DraftModel.from_target`, `args.aux_hidden_state_layer_ids`) with a draft vocabulary of
+    `args.draft_vocab_size` tokens counted on `train_dataset`. The head shares the target's input embedding (frozen,
+    never in the optimizer). The tokenizer is the target's (loaded from `teacher_model` when it is a path).
+    """
+
+    config_class = Eagle3TrainingConfig
+    requires_teacher = True
+    _tag_names = (*BaseDrafterTrainer._tag_names, "eagle3")
+    _name = "EAGLE-3"
+    _paper: ClassVar[dict[str, str]] = {
+        "title": "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time Test",
+        "arxiv": "2503.01840",
+    }
+
+    def __init__(self, model: str | Eagle3DraftModel | None = None, teacher_model=None,
+                 args: Eagle3TrainingConfig | None = None, processing_class=None, **kwargs):
+        if args is None:
+            args = Eagle3TrainingConfig(output_dir="eagle3-head")
+        elif not isinstance(args, Eagle3TrainingConfig):
+            raise TypeError(f"Eagle3Trainer needs an Eagle3TrainingConfig, got {type(args).__name__}.")
+        if teacher_model is None:
+            raise ValueError("Eagle3Trainer needs `teacher_model=` (the target whose hidden states the head reads).")
+        if isinstance(teacher_model, str):
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(teacher_model)
+            else:
+                check_same_tokenizer(processing_class, teacher_model, "teacher_model")
+        target = load_causal_lm(teacher_model, args.teacher_model_init_kwargs, "teacher_model")
+        head = self._head(model, target, args)
+        head.attach_target(target)
+        args = copy.copy(args)  # the caller's config stays as given (it may build another trainer)
+        args.model_init_kwargs = args.teacher_model_init_kwargs = None  # consumed: the base class must not load again
+        # the head's forward takes no `labels`, so Trainer would drop that column; tokenized rows have nothing else
+        args.remove_unused_columns = False
+        super().__init__(head, target, args, processing_class=processing_class, **kwargs)
+        if self._fresh_vocabulary:
+            self._choose_draft_vocabulary(head, target)
+
+    def _head(self, model, target, args: Eagle3TrainingConfig) -> Eagle3DraftModel:
+        self._fresh_vocabulary = False
+        if model is None:
+            set_seed(args.seed)  # the Trainer seeds itself later; a head built here must be reproducible too
+            vocab_size = target.config.get_text_config().vocab_size
+            size = args.draft_vocab_size or vocab_size
+            self._fresh_vocabulary = size < vocab_size
+            # the vocabulary is counted on the tokenized training set, which the base class builds: the head gets
+            # its final size now and its ids once the data is there
+            placeholder = torch.arange(size) if self._fresh_vocabulary else None
+            return Eagle3DraftModel.from_target(target.config, draft_vocab=placeholder,
+                                                aux_hidden_state_layer_ids=args.aux_hidden_state_layer_ids)
+        if isinstance(model, str):
+            model = Eagle3DraftModel.from_pretrained(model, **(args.model_init_kwargs or {}))
+        elif args.model_init_kwargs:
+            raise ValueError("`model_init_kwargs` only apply when `model` is a path to load; you passed a head.")
+        if not isinstance(model, Eagle3DraftModel):
+            raise TypeError(f"Eagle3Trainer trains an hf_specdec.eagle3.Eagle3DraftModel (or None: a fresh head), "
+                            f"got {type(model).__name__}.")
+        self._check_given_head(model, target, args)
+        return model
+
+    @staticmethod
+    def _check_given_head(head: Eagle3DraftModel, target, args: Eagle3TrainingConfig) -> None:
+        config = head.config
+        for name, own in (("draft_vocab_size", config.draft_vocab_size),
+                          ("aux_hidden_state_layer_ids", config.aux_hidden_state_layer_ids)):
+            wanted = getattr(args, name)
+            if wanted is not None and wanted != own:
+                raise ValueError(f"args.{name}={wanted} but the head has {own}; a given head keeps its own, so drop "
+                                 f"args.{name} (or pass model=None to build a fresh head).")
+        if not config.aux_hidden_state_layer_ids:
+            raise ValueError("The head does not say which target states it reads: set "
+                             "`head.config.aux_hidden_state_layer_ids`.")
+        check_layer_ids(config.aux_hidden_state_layer_ids, target.config.get_text_config().num_hidden_layers)
+
+    def _choose_draft_vocabulary(self, head: Eagle3DraftModel, target) -> None:
+        if self.train_dataset is None:
+            raise ValueError("A fresh head with draft_vocab_size chooses its vocabulary from `train_dataset`; pass "
+                             "one, or a head that has its vocabulary.")
+        vocabulary = build_draft_vocabulary(self.train_dataset, head.config.vocab_size, head.config.draft_vocab_size,
+                                            generation_special_ids(target))
+        head.set_draft_vocabulary(vocabulary.to(head.d2t.device))
+
+    # ----- loss -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def target_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
+        """The target's logits `[B, T, V]` and the head's features `[B, T, n, H_t]`, from one forward."""
+        self.teacher_model.eval()
+        outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                     output_hidden_states=True, use_cache=False)
+        features = torch.stack([outputs.hidden_states[k] for k in head.config.aux_hidden_state_layer_ids], dim=-2)
+        return outputs.logits, features
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Trained rows of TTT step 0: the normaliser of every step's sum."""
+        return step_targets(batch["labels"], chain_roots(batch["attention_mask"]), 0).sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        head = self.accelerator.unwrap_model(model)
+        target_logits, features = self.target_outputs(inputs, head)
+        unroll = functools.partial(ttt_unroll, head, ttt_steps=self.args.ttt_steps, pad_token_id=self.pad_token_id)
+        # inside the wrapper's forward: DDP then reduces the gradients of every step's forward once
+        step_logits = call_inside_forward(model, head, unroll, input_ids=inputs["input_ids"],
+                                          attention_mask=inputs["attention_mask"], features=features)
+        roots = chain_roots(inputs["attention_mask"])
+        target_ids = target_logits.argmax(-1)
+        teacher = target_logits[..., head.draft_to_target]  # the target's logits restricted to the draft vocabulary
+        weighted = []
+        for step, logits in enumerate(step_logits):
+            rows = step_targets(inputs["labels"], roots, step)
+            predicted = slice(1 + step, 1 + step + rows.shape[1])  # the target positions whose next token it is
+            wanted = target_ids[:, predicted]
+            trained = rows & head.t2d[wanted]  # the head cannot propose a token outside its vocabulary
+            draft = logits[:, : rows.shape[1]]
+            divergence = self.divergence_fn(draft[trained], teacher[:, predicted][trained], self.args.temperature)
+            weighted.append(self.args.ttt_decay**step * divergence)
+            if rows.any():
+                self.record_metric(f"acc_{step}", (head.draft_to_target[draft.detach().argmax(-1)] == wanted)[rows].float())
+                if step == 0:
+                    self.record_metric("draft_vocab_coverage", trained[rows].float())
+        scale = self.loss_scale()
+        if num_items_in_batch is None:  # evaluation (or a caller outside Trainer): this batch's own count
+            num_items_in_batch, scale = self.count_loss_tokens(inputs).clamp(min=1), 1
+        per_token = torch.cat(weighted)
+        loss = normalize_token_loss(per_token, None, num_items_in_batch, scale)
+        if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
+            loss = loss + 0.0 * sum(logits.sum() for logits in step_logits)
+        return (loss, step_logits) if return_outputs else loss
+
+    # ----- saving -----------------------------------------------------------------------------------------------------
+
+    def model_card_summary(self) -> dict[str, Any]:
+        config = self.accelerator.unwrap_model(self.model).config
+        return {
+            "divergence": self.args.divergence,
+            "temperature": self.args.temperature,
+            "TTT steps": f"{self.args.ttt_steps} (step i weighted {self.args.ttt_decay:g}^i)",
+            "draft vocabulary": f"{config.draft_vocab_size} of {config.vocab_size} tokens",
+            "target hidden states": config.aux_hidden_state_layer_ids,
+        }
+
+    def write_model_card(self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None):
+        """The shared card, with usage code that loads a head (which is not an `AutoModelForCausalLM`)."""
+        super().write_model_card(output_dir, model_name=model_name, dataset_name=dataset_name)
+        path = f"{output_dir}/README.md"
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        usage = ("import hf_specdec\nfrom hf_specdec.eagle3 import Eagle3DraftModel\n\n"
+                 'head = Eagle3DraftModel.from_pretrained("<this checkpoint>")')
+        card = re.sub(r'draft = AutoModelForCausalLM\.from_pretrained\("<this checkpoint>"\)', lambda _: usage, card)
+        card = card.replace("assistant_model=draft)", "assistant_model=head.as_drafter(num_draft_tokens=5))")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card)
