@@ -72,7 +72,7 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     pair.add_argument("--target", help="target model: Hub name or local dir (default: the synthetic pair)")
     pair.add_argument("--draft", help="draft model (Hub name or local dir), named 'draft' in the tables")
     pair.add_argument("--drafter", action="append", type=_drafter_pair, metavar="NAME=PATH",
-                      help="add a named drafter checkpoint (plain, sorted or guided; repeatable)")
+                      help="add a named drafter checkpoint (plain, sorted, guided or an EAGLE-3 head; repeatable)")
     pair.add_argument("--lab", help="a recipes/lab.py output dir: its target and every drafter it trained")
     pair.add_argument("--routing", help="a recipes/route.py output dir (routing.json + router): the drafters and "
                       "router of the specialized_drafts and adaptive_routing experiments")

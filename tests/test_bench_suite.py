@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import hf_specdec  # noqa: F401  (installs the generate() hook)
-from hf_specdec import SortedDrafter, testing
+from hf_specdec import Eagle3DraftModel, SortedDrafter, testing
 from hf_specdec.bench import BUILTIN_CATEGORIES, SuiteConfig, load_prompts
 from hf_specdec.bench.prompts import Prompt, encode, render
 from hf_specdec.cli import build_parser, main, suite_config_from_args
@@ -164,15 +164,19 @@ def test_suite_runs_local_checkpoints_and_a_lab_layout(tmp_path):
     testing.tiny_causal_lm("qwen2", vocab_size=512, num_layers=1, seed=1).save_pretrained(
         tmp_path / "lab" / "drafters" / "small")
     SortedDrafter.from_target(target, exits=[1, 3]).save_pretrained(tmp_path / "lab" / "drafters" / "sorted")
+    Eagle3DraftModel.from_target(target.config).save_pretrained(tmp_path / "lab" / "drafters" / "eagle3")
     out = tmp_path / "report.json"
     assert main(["bench", "--quick", "--lab", str(tmp_path / "lab"), "--prompts", "qa", "--experiments",
                  "plain,chain,tree,assisted", "--decoding", "greedy", "--no-progress", "--json", str(out)]) == 0
     (pair,) = json.loads(out.read_text())["pairs"]
-    assert {name: info["kind"] for name, info in pair["drafters"].items()} == {"small": "model", "sorted": "sorted"}
+    assert {name: info["kind"] for name, info in pair["drafters"].items()} == {
+        "small": "model", "sorted": "sorted", "eagle3": "eagle3"}
     rows = {row["name"]: row for row in pair["rows"]}
-    assert set(rows) == {"plain", "assisted[small]", "chain[small]", "tree[small]", "chain[sorted]", "tree[sorted]"}
+    assert set(rows) == {"plain", "assisted[small]", "chain[small]", "tree[small]", "chain[sorted]", "tree[sorted]",
+                         "chain[eagle3]", "tree[eagle3]"}
     assert all(row["overall"]["equal_to_plain"] for name, row in rows.items() if name != "plain")
     assert rows["chain[sorted]"]["overall"]["theoretical_speedup"] is None  # its cost depends on the exits taken
+    assert rows["chain[eagle3]"]["overall"]["theoretical_speedup"] is not None  # the head's step cost is measured
 
 
 def test_cli_builds_suite_configs():

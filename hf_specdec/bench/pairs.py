@@ -2,8 +2,8 @@
 
 Offline the default is the synthetic pair of `hf_specdec.testing` (one per agreement rate, byte tokens); `lab`
 points at a `recipes/lab.py` output (`target/`, `drafters/<name>/`); otherwise `target` and each drafter are Hub
-names or local folders loaded with `from_pretrained` (a drafter's kind — model, sorted, guided — is read from its
-config by `load_drafter`).
+names or local folders loaded with `from_pretrained` (a drafter's kind — model, sorted, guided, eagle3 — is read from
+its config by `load_drafter`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class DrafterSpec:
     """A named drafter: its model is loaded once, a fresh `Drafter` is made for every generate() call."""
 
     name: str
-    kind: str  # "model", "sorted" or "guided"
+    kind: str  # "model", "sorted", "guided" or "eagle3"
     model: torch.nn.Module
     path: str | None = None
 
