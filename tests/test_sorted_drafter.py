@@ -179,3 +179,24 @@ def test_clear_errors(sorted_model):
     with pytest.raises(ValueError, match="share the target's tokenizer"):
         target.generate(**left_padded_batch(96, [4]), max_new_tokens=3,
                         assistant_model=SortedDrafter(other, exits=[2, 4]))
+
+
+def test_an_exit_saved_as_a_plain_draft_model_drafts_what_the_exit_drafts(tmp_path):
+    """`save_exit` writes exit k as a plain causal LM (for vLLM's draft-model speculation); drafting with it as a
+    ModelDrafter accepts exactly what the sorted drafter at that single exit accepts."""
+    from transformers import AutoModelForCausalLM
+
+    target = tiny_model("llama", num_layers=4, seed=2)
+    sorted_drafter = SortedDrafter.from_target(target, exits=[2, 4], thresholds=[0.0])  # always exits at 2
+    sorted_drafter.save_exit(tmp_path / "exit2")
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "exit2")
+    assert cut.config.num_hidden_layers == 2 and not hasattr(cut.config, "sorted_exits")
+    batch = left_padded_batch(96, [6, 9], seed=3)
+    runs = []
+    for drafter in (sorted_drafter, ModelDrafter(cut, num_draft_tokens=4)):
+        drafter.num_draft_tokens = 4
+        out = target.generate(**batch, max_new_tokens=16, do_sample=False, assistant_model=drafter)
+        runs.append((out, drafter.last_stats.accepted.tolist()))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    with pytest.raises(ValueError, match="not one of this drafter's exits"):
+        sorted_drafter.save_exit(tmp_path / "x", exit_layer=3)

@@ -81,6 +81,30 @@ class SortedDrafter(ModelDrafter):
         with self._exits_in_config():
             self.model.save_pretrained(save_directory, **kwargs)
 
+    def save_exit(self, save_directory, exit_layer: int | None = None, **kwargs) -> None:
+        """Save the draft model cut at one exit (default: the first) as a plain causal LM: its first `exit_layer`
+        decoder layers, the final norm and the LM head, as this drafter drafts at that exit. It loads with
+        `AutoModelForCausalLM` and serves as a draft model anywhere (vLLM's `speculative_config={"model": ...}`)."""
+        import copy
+
+        exit_layer = self.exits[0] if exit_layer is None else exit_layer
+        if exit_layer not in self.exits:
+            raise ValueError(f"exit_layer={exit_layer} is not one of this drafter's exits {list(self.exits)}.")
+        config = copy.deepcopy(self.model.config)
+        text = config.get_text_config()
+        text.num_hidden_layers = exit_layer
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = text.layer_types[:exit_layer]
+        for name in ("sorted_exits", "sorted_exit_thresholds"):
+            if hasattr(config, name):
+                delattr(config, name)
+        kept = {key: value for key, value in self.model.state_dict().items()
+                if not _beyond_exit(key, exit_layer)}
+        cut = type(self.model)._from_config(config, dtype=self.model.dtype)
+        cut.load_state_dict(kept, strict=True)
+        cut.generation_config = copy.deepcopy(self.model.generation_config)
+        cut.save_pretrained(save_directory, **kwargs)
+
     def push_to_hub(self, repo_id: str, **kwargs):
         with self._exits_in_config():
             return self.model.push_to_hub(repo_id, **kwargs)
@@ -354,3 +378,12 @@ def _validate_thresholds(thresholds, exits) -> list[float]:
             f"{exits}); got {thresholds}."
         )
     return thresholds
+
+
+def _beyond_exit(key: str, exit_layer: int) -> bool:
+    """Whether a state-dict key belongs to a decoder layer at or past `exit_layer` (`...layers.<i>.`)."""
+    parts = key.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[index + 1].isdigit():
+            return int(parts[index + 1]) >= exit_layer
+    return False

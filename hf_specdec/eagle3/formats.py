@@ -177,9 +177,13 @@ def _saved_dtype(config: dict) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- writing
 def save_eagle3(model: Eagle3DraftModel, directory: str, format: str = SPECULATORS, save_embedding: bool = False,
-                state_dict: dict | None = None, num_draft_tokens: int = 3, **ignored) -> None:
+                state_dict: dict | None = None, num_draft_tokens: int = 3, verifier_name_or_path: str | None = None,
+                **ignored) -> None:
     """Write `model` for vLLM (`format="speculators"`) or SGLang / SpecForge / EAGLE (`format="eagle3"`).
-    The embedding is the target's and is left out unless `save_embedding`."""
+    The embedding is the target's and is left out unless `save_embedding`. `verifier_name_or_path` names the
+    target in the export (the Hub id a server loads; default: the one the head was made for)."""
+    if verifier_name_or_path is not None:
+        model.config.verifier_name_or_path = verifier_name_or_path
     if format not in FORMATS:
         raise ValueError(f"format={format!r} must be one of {FORMATS}: 'speculators' for vLLM and speculators, "
                          "'eagle3' for SGLang, SpecForge and EAGLE.")
