@@ -8,8 +8,10 @@
   the target's), `verifier_*` (ignored).
 - **eagle3** (native: EAGLE, SpecForge, SGLang): a flat Llama-style `config.json` with `architectures:
   ["LlamaForCausalLMEagle3"]`, `vocab_size` (the target's), `draft_vocab_size`, `target_hidden_size`,
-  `eagle_config.eagle_aux_hidden_state_layer_ids` as "output of decoder layer k" (hidden_states index k + 1);
-  weights `fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`.
+  `eagle_config.eagle_aux_hidden_state_layer_ids` as "output of decoder layer k" (hidden_states index k + 1;
+  SGLang reads only these), and in our exports also a top-level `eagle_aux_hidden_state_layer_ids` in vLLM's
+  convention (vLLM reads it first); weights `fc`, `midlayer.*` (SGLang loads only these names), `norm`,
+  `lm_head`, `d2t`, `t2d`. SGLang ignores `norm_before_residual` (always the raw residual).
 
 Configs are read as data: a checkpoint's Python files (`auto_map`) are never imported and nothing needs
 `trust_remote_code`. Weights come from safetensors, or from `pytorch_model.bin` with `weights_only=True`.
@@ -134,14 +136,15 @@ def _config_from_native(config: dict, weights: dict) -> Eagle3Config:
     fields = {key: config[key] for key in _LLAMA_FIELDS if config.get(key) is not None}
     layer = LlamaConfig(vocab_size=target_vocab, num_hidden_layers=1, tie_word_embeddings=False, **fields,
                         **_rope_fields(config))
-    eagle = config.get("eagle_config") or {}
-    ids = eagle.get("eagle_aux_hidden_state_layer_ids", config.get("eagle_aux_hidden_state_layer_ids"))
+    nested = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    # nested (SGLang, SpecForge): "output of decoder layer k" = hidden_states[k + 1]; a top-level key alone is
+    # vLLM's hidden_states index
+    ids = [int(k) + 1 for k in nested] if nested is not None else config.get("eagle_aux_hidden_state_layer_ids")
     return Eagle3Config(
         transformer_layer_config=layer,
         draft_vocab_size=config.get("draft_vocab_size", target_vocab),
         target_hidden_size=config.get("target_hidden_size"),
-        # native ids name "the output of decoder layer k", which is hidden_states[k + 1]
-        aux_hidden_state_layer_ids=None if ids is None else [int(k) + 1 for k in ids],
+        aux_hidden_state_layer_ids=ids,
         norm_before_residual=config.get("norm_before_residual", False),
         verifier_name_or_path=config.get("verifier_name_or_path"),
     )
@@ -245,9 +248,10 @@ def native_config(config: Eagle3Config, dtype: torch.dtype) -> dict:
         raise ValueError("Set `config.aux_hidden_state_layer_ids` before exporting: native checkpoints name their "
                          "target layers.")
     if config.norm_before_residual:
-        warnings.warn("This head uses norm_before_residual=True, which native EAGLE-3 configs have no standard key "
-                      "for; it is written as `norm_before_residual`, but check that your server reads it (vLLM's "
-                      "speculators format does: prefer format='speculators').", stacklevel=3)
+        warnings.warn("This head uses norm_before_residual=True. The native config records it (vLLM reads the "
+                      "key), but SGLang and SpecForge ignore it and use the raw residual, so they would draft "
+                      "badly with this head (still losslessly). Serve it with vLLM (format='speculators'), or train "
+                      "heads for SGLang with norm_before_residual=False (our default).", stacklevel=3)
     rope = dict(getattr(layer, "rope_parameters", None) or {})
     fields = {key: getattr(layer, key) for key in _LLAMA_FIELDS if getattr(layer, key, None) is not None}
     return {
@@ -262,9 +266,11 @@ def native_config(config: Eagle3Config, dtype: torch.dtype) -> dict:
         "rope_scaling": None if rope.get("rope_type", "default") == "default" else
         {key: value for key, value in rope.items() if key != "rope_theta"},
         "tie_word_embeddings": False,
-        # "output of decoder layer k" = hidden_states[k + 1]
+        # SGLang reads the nested ids as "output of decoder layer k" = hidden_states[k + 1]; vLLM reads the
+        # top-level key first, as hidden_states indices: both are written, each in its reader's convention
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": [k - 1 for k in config.aux_hidden_state_layer_ids],
                          "use_aux_hidden_state": True},
+        "eagle_aux_hidden_state_layer_ids": list(config.aux_hidden_state_layer_ids),
         "norm_before_residual": config.norm_before_residual,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
