@@ -49,3 +49,22 @@ def test_sparse_kl_is_exact_when_nothing_is_cut_and_a_lower_bound_otherwise():
     tail = torch.log1p(-top.values.exp().sum(-1))
     cut = sparse_forward_kl(student, top.indices, top.values, tail)
     assert bool((cut <= full + 1e-6).all()) and bool((cut > 0).all())
+
+
+def test_recipe_writes_train_and_eval_teacher_datasets(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from datasets import load_from_disk
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+    import offline_teacher
+
+    from trainers.offline import TeacherMetadata
+
+    offline_teacher.main(["--tiny", "true", "--tiny_train_rows", "16", "--tiny_eval_rows", "8", "--tiny_target_steps",
+                          "2", "--output_dir", str(tmp_path), "--top_k", "4", "--state_layers", "1", "3"])
+    train = load_from_disk(str(tmp_path / "train"))
+    assert len(train) == 16 and len(load_from_disk(str(tmp_path / "eval"))) == 8
+    assert len(train[0]["teacher_top_ids"][0]) == 4 and len(train[0]["teacher_states"][0]) == 2 * 64
+    assert TeacherMetadata.load(str(tmp_path)).state_layers == [1, 3]
