@@ -11,7 +11,9 @@ From a directory of text (by default the Python standard library's source on thi
    `sft` (cross-entropy on the text, no teacher), `distill-fkl` / `distill-tvd` (DistillTrainer, forward KL /
    total variation against the target), `adaspec` (AdaSPECTrainer, k = 0.4, reference = `distill-fkl`, trained
    `distill_fkl_steps / k` steps as the paper scales epochs), `distill-fkl-long` (forward KL for as many steps
-   as AdaSPEC: the compute-matched control) and `soft` (SoFTTrainer: the target's first layers, several exits).
+   as AdaSPEC: the compute-matched control), `soft` (SoFTTrainer: the target's first layers, several exits),
+   `guided` (GuidedDrafterTrainer, SD²: `init` steered by the target's hidden states) and `eagle3` (Eagle3Trainer:
+   an EAGLE-3 head over the target's hidden states and embedding).
 
 Each stage lives in its own folder with a `lab_stage.json` marker holding a hash of exactly the settings that
 determine it and the hashes of its inputs: a second run with the same settings reuses everything and only
@@ -64,7 +66,7 @@ from trainers.data import DraftDataCollator
 MARKER = "lab_stage.json"
 LAB_VERSION = 2  # bump when a stage's code changes what it produces, so old caches are rebuilt
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
-DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft")
+DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft", "guided", "eagle3")
 METHODS = {
     "init": "untrained initial draft (baseline)",
     "sft": "SFT: cross-entropy on the text, no teacher",
@@ -73,6 +75,8 @@ METHODS = {
     "adaspec": "AdaSPECTrainer, k = {k}, steps / k",
     "distill-fkl-long": "DistillTrainer, forward KL, AdaSPEC's step count",
     "soft": "SoFTTrainer: target's first {layers} layers, exits {exits}",
+    "guided": "GuidedDrafterTrainer (SD²): init steered by target states {states}, forward KL",
+    "eagle3": "Eagle3Trainer: 1-layer head on target states {states}, {ttt} TTT steps, {vocab} draft vocabulary",
 }
 # Domain drafters are `distill-<domain>`, so a domain may not be named like the other distillation drafters' suffixes.
 DOMAIN_NAME = re.compile(r"[a-z0-9_]+")
@@ -207,6 +211,25 @@ class LabArguments:
         metadata={"help": "`soft`: confidence thresholds per exit that the sorted drafter stops at (last: 0)."},
     )
     soft_steps: int = field(default=150, metadata={"help": "`soft`: optimizer steps."})
+    target_state_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "`guided` and `eagle3`: the target hidden_states indices they read (0 = embeddings, k = "
+                  "output of decoder layer k - 1). Default: EAGLE-3's low / middle / high states for target_layers "
+                  "(hf_specdec.eagle3.default_aux_layer_ids)."},
+    )
+    guided_steps: int = field(
+        default=150, metadata={"help": "`guided`: optimizer steps (SD²: `init` and its guide, steered by the target's "
+                               "states up to num_draft_tokens positions old, forward KL)."}
+    )
+    eagle3_steps: int = field(default=150, metadata={"help": "`eagle3`: optimizer steps (a fresh EAGLE-3 head)."})
+    eagle3_ttt_steps: int = field(
+        default=4, metadata={"help": "`eagle3`: draft steps unrolled in training (training-time test; EAGLE-3: 7)."}
+    )
+    eagle3_draft_vocab_size: int | None = field(
+        default=1024,
+        metadata={"help": "`eagle3`: the head drafts over this many of the drafters' most frequent training tokens "
+                  "(+ EOS / PAD); None: the whole vocabulary."},
+    )
     # ----- measuring
     benchmark: bool = field(
         default=True, metadata={"help": "Run the speculative-decoding benchmark (hf_specdec.bench.run_suite)."}
@@ -252,6 +275,10 @@ class LabArguments:
             raise ValueError(f"soft_exits must end at soft_layers ({self.soft_layers}), got {self.soft_exits}.")
         if len(self.soft_exit_thresholds) != len(self.soft_exits):
             raise ValueError(f"soft_exit_thresholds needs one value per exit ({self.soft_exits}).")
+        if self.target_state_layers is not None and not all(0 <= i <= self.target_layers
+                                                            for i in self.target_state_layers):
+            raise ValueError(f"target_state_layers must be hidden_states indices in 0..target_layers "
+                             f"({self.target_layers}), got {self.target_state_layers}.")
         if not 8 <= self.prompt_min_tokens <= self.prompt_max_tokens:
             raise ValueError("Need 8 <= prompt_min_tokens <= prompt_max_tokens.")
         if self.block_length < 16 or self.vocab_size < 300:
@@ -270,6 +297,12 @@ class LabArguments:
     @property
     def resolved_adaspec_steps(self) -> int:
         return self.adaspec_steps or math.ceil(self.distill_fkl_steps / self.adaspec_k)
+
+    @property
+    def resolved_target_state_layers(self) -> list[int]:
+        from hf_specdec.eagle3 import default_aux_layer_ids
+
+        return list(self.target_state_layers or default_aux_layer_ids(self.target_layers))
 
     @property
     def use_cuda(self) -> bool:
@@ -1048,6 +1081,11 @@ def drafter_settings(args: LabArguments, name: str, records: dict) -> dict:
                     "reference": records.get("distill-fkl", {}).get("key")},
         "soft": {"steps": args.soft_steps, "layers": args.soft_layers, "exits": args.soft_exits,
                  "thresholds": args.soft_exit_thresholds, "target": records["target"]["key"]},
+        "guided": {"steps": args.guided_steps, "init": records["init"]["key"], "target": records["target"]["key"],
+                   "states": args.resolved_target_state_layers, "draft_length": args.num_draft_tokens},
+        "eagle3": {"steps": args.eagle3_steps, "target": records["target"]["key"],
+                   "states": args.resolved_target_state_layers, "ttt_steps": args.eagle3_ttt_steps,
+                   "draft_vocab_size": args.eagle3_draft_vocab_size},
     }[name]
     return {"drafter": name, **shared, **own}
 
@@ -1082,6 +1120,10 @@ def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
         AdaSPECTrainer,
         DistillConfig,
         DistillTrainer,
+        Eagle3Trainer,
+        Eagle3TrainingConfig,
+        GuidedDrafterConfig,
+        GuidedDrafterTrainer,
         SoFTConfig,
         SoFTTrainer,
         truncate_model,
@@ -1094,7 +1136,8 @@ def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
     domains = args.domain_drafters().get(name)
     steps = {"sft": args.sft_steps, "distill-fkl": args.distill_fkl_steps, "distill-tvd": args.distill_tvd_steps,
              "adaspec": args.resolved_adaspec_steps, "distill-fkl-long": args.resolved_adaspec_steps,
-             "soft": args.soft_steps}.get(name, args.distill_fkl_steps)  # domain drafters: distill-fkl's steps
+             "soft": args.soft_steps, "guided": args.guided_steps, "eagle3": args.eagle3_steps,
+             }.get(name, args.distill_fkl_steps)  # domain drafters: distill-fkl's steps
     common = trainer_arguments(args, directory, steps, args.draft_learning_rate, args.draft_batch_size)
     common["max_length"] = args.block_length
     if domains:
@@ -1108,6 +1151,17 @@ def train_drafter(args: LabArguments, name: str, directory: Path) -> dict:
         model = truncate_model(AutoModelForCausalLM.from_pretrained(target_path), args.soft_layers)
         config = SoFTConfig(exits=args.soft_exits, exit_thresholds=args.soft_exit_thresholds, **common)
         trainer = SoFTTrainer(model=model, args=config, train_dataset=block_dataset(train), processing_class=tokenizer)
+    elif name == "guided":  # SD²: `init` and its guide trained together, steered by stale target states
+        config = GuidedDrafterConfig(verifier_layers=args.resolved_target_state_layers,
+                                     draft_length=args.num_draft_tokens, divergence="forward_kl", **common)
+        trainer = GuidedDrafterTrainer(model=init, teacher_model=AutoModelForCausalLM.from_pretrained(target_path),
+                                       args=config, train_dataset=block_dataset(train), processing_class=tokenizer)
+    elif name == "eagle3":  # a fresh head over the target's states, its vocabulary counted on the same blocks
+        config = Eagle3TrainingConfig(aux_hidden_state_layer_ids=args.resolved_target_state_layers,
+                                      ttt_steps=args.eagle3_ttt_steps, draft_vocab_size=args.eagle3_draft_vocab_size,
+                                      **common)
+        trainer = Eagle3Trainer(model=None, teacher_model=AutoModelForCausalLM.from_pretrained(target_path),
+                                args=config, train_dataset=block_dataset(train), processing_class=tokenizer)
     else:
         target = AutoModelForCausalLM.from_pretrained(target_path)
         prompt_tokens = args.block_length // 2 if args.distill_lmbda > 0 else 0
@@ -1160,11 +1214,12 @@ def heldout_sets(args: LabArguments) -> dict[str | None, torch.Tensor]:
     return {name: torch.load(data / f"heldout-{name}.pt")[: args.eval_blocks] for name in args.domains}
 
 
-def acceptance_results(totals: dict[tuple, torch.Tensor], count: int) -> dict[str, dict]:
-    """`{drafter: {"expected_acceptance", "top1_agreement"}}` (+ `exits` of sorted drafters) from token sums."""
+def acceptance_results(totals: dict[tuple, torch.Tensor]) -> dict[str, dict]:
+    """`{drafter: {"expected_acceptance", "top1_agreement"}}` (+ `exits` of sorted drafters) from token sums and
+    counts."""
     results: dict[str, dict] = {}
-    for (name, exit_layer), (accept, top1) in totals.items():
-        metrics = {"expected_acceptance": float(accept) / count, "top1_agreement": float(top1) / count}
+    for (name, exit_layer), (accept, top1, count) in totals.items():
+        metrics = {"expected_acceptance": float(accept) / float(count), "top1_agreement": float(top1) / float(count)}
         if exit_layer is None:
             results[name] = metrics
         else:  # the drafter's numbers are its last exit's; every exit is kept
@@ -1179,6 +1234,38 @@ def target_results(totals: torch.Tensor, count: int, blocks: int) -> dict:
             "blocks": blocks}
 
 
+def drafter_scorers(path: str, target) -> dict[int | None, Callable]:
+    """`{exit (None: the drafter's one output): fn(ids, target hidden_states) -> logits}` of a drafter checkpoint, the
+    logits predicting the last tokens of the block. Teacher-forced as its first draft token of a round sees the
+    text: a causal LM (or a sorted exit) reads the prefix; `guided` is steered by the target's state one position
+    back and `eagle3` reads the target's states up to the token before, so both start at a block's second token."""
+    from hf_specdec.drafters import drafter_kind, load_drafter_model
+    from trainers import exit_logits
+
+    kind = drafter_kind(path)
+    draft = load_drafter_model(path).to(target.device)
+    if kind == "eagle3":
+        draft.attach_target(target)  # a saved head has no embedding of its own: it is the target's
+
+        def head_logits(ids, hidden):
+            features = torch.stack([hidden[k] for k in draft.config.aux_hidden_state_layer_ids], dim=-2)
+            logits = draft(input_ids=ids[:, 1:], features=features[:, :-1]).logits[:, :-1]
+            return draft.logits_in_target_vocabulary(logits)
+
+        return {None: head_logits}
+    if kind == "guided":
+        def guided_logits(ids, hidden):
+            previous = (torch.arange(ids.shape[1], device=ids.device) - 1).clamp(min=0)
+            guides = draft.guide_states_from_hidden_states(hidden)[:, previous]
+            return draft(input_ids=ids, guide_states=guides).logits[:, 1:-1]
+
+        return {None: guided_logits}
+    exits = getattr(draft.config, "sorted_exits", None) if kind == "sorted" else None
+    if not exits:
+        return {None: lambda ids, hidden: draft(input_ids=ids).logits[:, :-1]}
+    return {e: lambda ids, hidden, e=e: exit_logits(draft, ids, None, [e])[e][:, :-1] for e in exits}
+
+
 @torch.no_grad()
 def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> tuple[dict[str, dict], dict]:
     """Held-out Σ min(p, q) and top-1 agreement of every drafter (every exit of `soft`) against the target, token
@@ -1187,42 +1274,38 @@ def acceptance_against_target(args: LabArguments, drafters: dict[str, dict]) -> 
     numbers on each domain's held-out blocks."""
     from transformers import AutoModelForCausalLM
 
-    from trainers import exit_logits
     from trainers.losses import expected_acceptance, shared_vocab, top1_agreement
 
     device = "cuda" if args.use_cuda else "cpu"
     target = AutoModelForCausalLM.from_pretrained(Path(args.output_dir) / "target").to(device).eval()
-    scorers = {}  # (drafter, exit or None) -> logits function
-    for name in drafters:
-        draft = AutoModelForCausalLM.from_pretrained(drafter_dir(args, name)).to(device).eval()
-        for exit_layer in getattr(draft.config, "sorted_exits", None) or [None]:
-            if exit_layer is None:
-                scorers[name, None] = lambda ids, draft=draft: draft(input_ids=ids).logits
-            else:
-                scorers[name, exit_layer] = lambda ids, draft=draft, e=exit_layer: exit_logits(draft, ids, None, [e])[e]
+    scorers = {(name, exit_layer): score for name in drafters  # (drafter, exit or None) -> logits function
+               for exit_layer, score in drafter_scorers(str(drafter_dir(args, name)), target).items()}
     sets = heldout_sets(args)
-    totals = {(s, key): torch.zeros(2, dtype=torch.float64) for s in sets for key in scorers}
+    totals = {(s, key): torch.zeros(3, dtype=torch.float64) for s in sets for key in scorers}  # Σ accept, top-1, n
     target_totals = {s: torch.zeros(2, dtype=torch.float64) for s in sets}  # the target's accuracy and loss
     for set_name, blocks in sets.items():
         for batch in blocks.split(16):
             ids = batch.to(device)
-            p = target(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
+            outputs = target(input_ids=ids, output_hidden_states=True)
+            p = outputs.logits[:, :-1].float()  # position t: the distribution of token t + 1
             following = ids[:, 1:].flatten()
             target_totals[set_name] += torch.stack([
-                (p.argmax(-1) == following).sum(),
-                torch.nn.functional.cross_entropy(p, following, reduction="sum")]).cpu()
+                (p.flatten(0, 1).argmax(-1) == following).sum(),
+                torch.nn.functional.cross_entropy(p.flatten(0, 1), following, reduction="sum")]).cpu()
             for key, logits in scorers.items():
-                q, shared_p = shared_vocab(logits(ids)[:, :-1].flatten(0, 1).float(), p)
-                totals[set_name, key] += torch.stack(
-                    [expected_acceptance(q, shared_p).sum(), top1_agreement(q, shared_p).sum()]).cpu()
+                q = logits(ids, outputs.hidden_states)  # the predictions of the block's last q.shape[1] tokens
+                q, shared_p = shared_vocab(q.flatten(0, 1).float(), p[:, p.shape[1] - q.shape[1] :].flatten(0, 1))
+                totals[set_name, key] += torch.stack([expected_acceptance(q, shared_p).sum(),
+                                                      top1_agreement(q, shared_p).sum(),
+                                                      torch.tensor(len(q), device=q.device)]).cpu()
     counts = {s: blocks[:, 1:].numel() for s, blocks in sets.items()}
-    results = acceptance_results({key: sum(totals[s, key] for s in sets) for key in scorers}, sum(counts.values()))
+    results = acceptance_results({key: sum(totals[s, key] for s in sets) for key in scorers})
     target_metrics = target_results(sum(target_totals.values()), sum(counts.values()),
                                     sum(len(b) for b in sets.values()))
     if args.domains:
         target_metrics["domains"] = {}
         for set_name in sets:
-            per = acceptance_results({key: totals[set_name, key] for key in scorers}, counts[set_name])
+            per = acceptance_results({key: totals[set_name, key] for key in scorers})
             for name, metrics in per.items():
                 results[name].setdefault("domains", {})[set_name] = {
                     k: metrics[k] for k in ("expected_acceptance", "top1_agreement")}
@@ -1311,7 +1394,10 @@ def method_label(args: LabArguments, name: str) -> str:
         return f"DistillTrainer, forward KL, on an equal mix of {', '.join(args.domain_names)}"
     if name in args.domain_drafters():
         return f"DistillTrainer, forward KL, on `{args.domain_drafters()[name][0]}` only"
-    return METHODS[name].format(k=args.adaspec_k, layers=args.soft_layers, exits="/".join(map(str, args.soft_exits)))
+    vocabulary = f"{args.eagle3_draft_vocab_size}-token" if args.eagle3_draft_vocab_size else "full"
+    return METHODS[name].format(k=args.adaspec_k, layers=args.soft_layers, exits="/".join(map(str, args.soft_exits)),
+                                states="/".join(map(str, args.resolved_target_state_layers)), ttt=args.eagle3_ttt_steps,
+                                vocab=vocabulary)
 
 
 # Orderings the papers report: AdaSPEC > DistillSpec > SFT in acceptance; TVD vs FKL depends on task and decoding.
@@ -1450,18 +1536,23 @@ def build_report(args: LabArguments, records: dict, acceptance: dict, target_hel
         f"{target_heldout['loss']:.4f} (perplexity {target_heldout['perplexity']:.2f}), next token right "
         f"{100 * target_heldout['next_token_accuracy']:.1f}% of the time."
     )
-    soft = (f"; `soft` is the target's first {args.soft_layers} layers ({args.target_hidden_size} wide) with exits "
-            f"{args.soft_exits} and thresholds {args.soft_exit_thresholds}" if "soft" in drafters else "")
+    shapes = {"soft": f"`soft` is the target's first {args.soft_layers} layers ({args.target_hidden_size} wide) with "
+                      f"exits {args.soft_exits} and thresholds {args.soft_exit_thresholds}",
+              "eagle3": f"`eagle3` is one {args.target_hidden_size}-wide layer over the target's hidden states "
+                        f"{args.resolved_target_state_layers} and its embedding"}
+    others = "".join(f"; {shape}" for name, shape in shapes.items() if name in drafters)
     draft_line = (
         f"Draft: Llama, {args.draft_layers} layers × {args.draft_hidden_size} wide, "
-        f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters{soft}. Drafters train on {pool:,} blocks ({pool * args.block_length:,} tokens) drawn "
+        f"{records['init']['metrics']['parameters'] / 1e6:.2f}M parameters{others}. Drafters train on {pool:,} blocks ({pool * args.block_length:,} tokens) drawn "
         f"from the target's training data, {args.draft_batch_size} blocks per step (one epoch = "
         f"{pool / args.draft_batch_size:g} steps), learning rate {args.draft_learning_rate:g} (cosine)."
     )
     legend = (
         "E[accept] = held-out Σ min(p, q) per token (what speculative sampling at temperature 1 accepts) and top-1 "
         f"= greedy agreement with the target, over {target_heldout['blocks']} held-out blocks (for `soft`: its last "
-        "exit). α = accepted / drafted tokens in real speculative decoding of the held-out prompts: chains of "
+        "exit; `guided` steered by the target's state one position back and `eagle3`'s first draft step, reading the "
+        "target's states: as each drafts the first token of a round, from a block's second token on). α = accepted / "
+        "drafted tokens in real speculative decoding of the held-out prompts: chains of "
         f"{args.num_draft_tokens}, trees of depth / top-k / nodes {'/'.join(map(str, args.tree))} (a tree's α "
         "counts every drafted node, so read its τ below)."
     )

@@ -10,8 +10,8 @@ same computation `ttt_steps` deep. Step i, row t is the chain rooted at the comm
 i tokens deep: it reads step i − 1's output at row t with the token at t + 1 + i, sits at position t + i (the
 previous step's state moves one position on) and predicts the token at t + 2 + i. Its query sees what the drafter's
 query sees at that depth: the committed pairs up to its root (step-0 keys at positions ≤ t) and its own chain (the
-step-j keys of row t, j = 1..i; the head's cache concatenates each step's keys). SpecForge and the EAGLE-3
-reference code also hide step-0 keys t − i + 1..t from step i; inference does not, so neither does this.
+step-j keys of row t, j = 1..i; the head's cache concatenates each step's keys). SpecForge's trainer also hides
+step-0 keys t − i + 1..t from step i; drafting does not (nor does speculators' trainer), so neither does this one.
 
 Loss: at every step and trained row, a per-token divergence (`divergence`, forward KL by default: SpecForge's soft
 cross-entropy minus the target's entropy, so the same gradients) between the head and the target's distribution
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,7 +36,7 @@ from hf_specdec.eagle3 import Eagle3DraftModel
 from hf_specdec.eagle3.modeling import check_layer_ids
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer, call_inside_forward, check_same_tokenizer, load_causal_lm
-from .losses import IGNORE_INDEX, normalize_token_loss
+from .losses import IGNORE_INDEX, expected_acceptance, normalize_token_loss
 
 
 @dataclass
@@ -64,7 +63,8 @@ class Eagle3TrainingConfig(BaseDrafterConfig):
     aux_hidden_state_layer_ids: list[int] | None = field(
         default=None,
         metadata={"help": "Target hidden_states indices a fresh head reads (0 = embeddings, k = output of decoder "
-                  "layer k - 1), low to high. None: EAGLE-3's (2, L // 2, L - 3). A given head keeps its own."},
+                  "layer k - 1), low to high. None: EAGLE-3's (2, L // 2, L - 3), or the states at 1/4, 1/2 and 3/4 of "
+                  "the depth for targets too shallow for that. A given head keeps its own."},
     )
 
     def __post_init__(self):
@@ -76,7 +76,8 @@ class Eagle3TrainingConfig(BaseDrafterConfig):
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be at least 1, got {self.draft_vocab_size}.")
         if self.aux_hidden_state_layer_ids is not None and not self.aux_hidden_state_layer_ids:
-            raise ValueError("aux_hidden_state_layer_ids is empty: give target hidden_states indices, e.g. [2, 16, 29].")
+            raise ValueError("aux_hidden_state_layer_ids is empty: give target hidden_states indices, e.g. "
+                             "[2, 16, 29].")
 
 
 # ----- the draft vocabulary ---------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def token_counts(dataset_or_token_ids, vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size, dtype=torch.long)
     if hasattr(dataset_or_token_ids, "column_names"):
         column = "labels" if "labels" in dataset_or_token_ids.column_names else "input_ids"
-        chunks = (sum(batch[column], []) for batch in dataset_or_token_ids.iter(batch_size=1024))
+        chunks = (batch[column] for batch in dataset_or_token_ids.iter(batch_size=1024))
     else:
         chunks = [dataset_or_token_ids]
     for chunk in chunks:
@@ -301,29 +302,37 @@ class Eagle3Trainer(BaseDrafterTrainer):
         step_logits = call_inside_forward(model, head, unroll, input_ids=inputs["input_ids"],
                                           attention_mask=inputs["attention_mask"], features=features)
         roots = chain_roots(inputs["attention_mask"])
-        target_ids = target_logits.argmax(-1)
-        teacher = target_logits[..., head.draft_to_target]  # the target's logits restricted to the draft vocabulary
-        weighted = []
-        for step, logits in enumerate(step_logits):
-            rows = step_targets(inputs["labels"], roots, step)
-            predicted = slice(1 + step, 1 + step + rows.shape[1])  # the target positions whose next token it is
-            wanted = target_ids[:, predicted]
-            trained = rows & head.t2d[wanted]  # the head cannot propose a token outside its vocabulary
-            draft = logits[:, : rows.shape[1]]
-            divergence = self.divergence_fn(draft[trained], teacher[:, predicted][trained], self.args.temperature)
-            weighted.append(self.args.ttt_decay**step * divergence)
-            if rows.any():
-                self.record_metric(f"acc_{step}", (head.draft_to_target[draft.detach().argmax(-1)] == wanted)[rows].float())
-                if step == 0:
-                    self.record_metric("draft_vocab_coverage", trained[rows].float())
+        per_token = torch.cat([self.args.ttt_decay**step * self.step_divergence(head, step, logits, target_logits,
+                                                                                 inputs["labels"], roots)
+                               for step, logits in enumerate(step_logits)])
         scale = self.loss_scale()
         if num_items_in_batch is None:  # evaluation (or a caller outside Trainer): this batch's own count
             num_items_in_batch, scale = self.count_loss_tokens(inputs).clamp(min=1), 1
-        per_token = torch.cat(weighted)
         loss = normalize_token_loss(per_token, None, num_items_in_batch, scale)
         if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
             loss = loss + 0.0 * sum(logits.sum() for logits in step_logits)
         return (loss, step_logits) if return_outputs else loss
+
+    def step_divergence(self, head: Eagle3DraftModel, step: int, logits: torch.Tensor, target_logits: torch.Tensor,
+                        labels: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+        """The divergence of every trained row of TTT step `step` from the target's distribution over the draft
+        vocabulary. Records the step's greedy accuracy `acc_<step>` and, for the first draft token, the expected
+        acceptance Σ min(p, q) of speculative sampling at temperature 1 (a target token outside the draft vocabulary
+        counts as a miss in both: the head can never propose it)."""
+        rows = step_targets(labels, roots, step)
+        predicted = slice(1 + step, 1 + step + rows.shape[1])  # the target positions whose next token rows draft
+        wanted = target_logits[:, predicted].argmax(-1)
+        trained = rows & head.t2d[wanted]
+        draft = logits[:, : rows.shape[1]]
+        teacher = target_logits[:, predicted][..., head.draft_to_target]
+        if rows.any():
+            drafted = head.draft_to_target[draft.detach().argmax(-1)]
+            self.record_metric(f"acc_{step}", (drafted == wanted)[rows].float())
+            if step == 0:
+                self.record_metric("draft_vocab_coverage", trained[rows].float())
+                q = head.logits_in_target_vocabulary(draft.detach()[rows])
+                self.record_metric("expected_acceptance", expected_acceptance(q, target_logits[:, predicted][rows]))
+        return self.divergence_fn(draft[trained], teacher[trained], self.args.temperature)
 
     # ----- saving -----------------------------------------------------------------------------------------------------
 
@@ -345,7 +354,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
             card = f.read()
         usage = ("import hf_specdec\nfrom hf_specdec.eagle3 import Eagle3DraftModel\n\n"
                  'head = Eagle3DraftModel.from_pretrained("<this checkpoint>")')
-        card = re.sub(r'draft = AutoModelForCausalLM\.from_pretrained\("<this checkpoint>"\)', lambda _: usage, card)
+        card = card.replace('draft = AutoModelForCausalLM.from_pretrained("<this checkpoint>")', usage)
         card = card.replace("assistant_model=draft)", "assistant_model=head.as_drafter(num_draft_tokens=5))")
         with open(path, "w", encoding="utf-8") as f:
             f.write(card)

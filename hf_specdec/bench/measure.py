@@ -75,7 +75,7 @@ def measure_step_costs(target, draft, num_verify_tokens: int, context_length: in
     over a one-token one) says how far the formula's "verification costs one step" assumption holds here.
     """
     generator = torch.Generator().manual_seed(0)
-    vocab = min(target.config.vocab_size, draft.config.vocab_size)
+    vocab = min(target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size)
     context = torch.randint(testing.FIRST_ORDINARY_TOKEN_ID, vocab, (1, context_length), generator=generator)
 
     def forward_seconds(model, width: int) -> float:

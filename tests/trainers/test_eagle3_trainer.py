@@ -160,13 +160,14 @@ def test_training_lowers_the_loss_and_raises_real_acceptance(tmp_path):
 
     trainer.save_model()
     out = Path(trainer.args.output_dir)
-    loaded = Eagle3DraftModel.from_pretrained(out)
+    loaded = Eagle3DraftModel.from_pretrained(out)  # without the embedding: it is the target's
+    loaded.attach_target(target)
     assert torch.equal(loaded.d2t, head.d2t) and loaded.config.aux_hidden_state_layer_ids == LAYERS
     ids, features = torch.tensor([[1, 5, 6, 7]]), torch.randn(1, 4, 2, 32)
     torch.testing.assert_close(loaded(ids, features=features).logits, head(ids, features=features).logits)
     card = (out / "README.md").read_text()
-    assert "2503.01840" in card and "Eagle3DraftModel.from_pretrained" in card and "AutoModelForCausalLM.from_pre" \
-        "trained(\"<this checkpoint>\")" not in card
+    assert "2503.01840" in card and 'head = Eagle3DraftModel.from_pretrained("<this checkpoint>")' in card
+    assert 'AutoModelForCausalLM.from_pretrained("<this checkpoint>")' not in card  # a head is not a causal LM
 
 
 def test_the_embedding_is_the_targets_shared_and_frozen(tmp_path):
@@ -224,6 +225,23 @@ def test_two_processes_give_the_single_process_update(tmp_path):
     assert facts == {"world_size": 2, "head_is_ddp": True, "teacher_frozen": True, "teacher_is_ddp": False}
     _, single = one_sgd_step(tmp_path / "single", batch_size=8, accumulation=1)
     assert torch.allclose(torch.load(tmp_path / "eagle3.pt"), single, atol=1e-6)
+
+
+# ----- the recipe -------------------------------------------------------------------------------------------------
+
+
+def test_recipe_trains_a_head_offline_and_reports_acceptance_per_step(tmp_path):
+    sys.path.insert(0, str(HERE.parents[1] / "recipes"))
+    from eagle3 import main
+
+    tiny = ["--tiny_train_rows", "32", "--tiny_eval_rows", "16", "--tiny_target_steps", "3", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--ttt_steps", "2"]
+    main(["--config", str(HERE.parents[1] / "recipes" / "configs" / "eagle3.yaml"), "--output_dir", str(tmp_path),
+          *tiny])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"head before", "head after"}
+    assert all(0 <= r["expected_acceptance"] <= 1 and {"acc_0", "acc_1"} <= set(r) for r in results.values())
+    assert Eagle3DraftModel.from_pretrained(tmp_path).config.draft_vocab_size == 24
 
 
 # ----- the draft vocabulary -------------------------------------------------------------------------------------

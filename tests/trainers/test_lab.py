@@ -20,10 +20,11 @@ TOY = [
     "--draft_hidden_size", "16", "--draft_layers", "1", "--draft_heads", "2", "--draft_intermediate_size", "32",
     "--sft_steps", "2", "--distill_fkl_steps", "2", "--distill_tvd_steps", "2", "--soft_steps", "2",
     "--soft_layers", "2", "--soft_exits", "1", "2", "--soft_exit_thresholds", "0.7", "0.0",
+    "--guided_steps", "2", "--eagle3_steps", "2", "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "128",
     "--bench_prompts", "2", "--max_new_tokens", "8", "--bench_repeats", "1", "--logging_steps", "1",
 ]  # fmt: skip
 STAGES = ("corpus", "tokenizer", "data", "prompts", "target")
-DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft")
+DRAFTERS = ("init", "sft", "distill-fkl", "distill-tvd", "adaspec", "distill-fkl-long", "soft", "guided", "eagle3")
 
 
 def write_text_dir(root: Path, files: int = 12) -> Path:
@@ -70,8 +71,9 @@ def lab_dirs(tmp_path_factory):
 def test_every_stage_produces_its_outputs(lab_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_specdec import ModelDrafter, SortedDrafter
+    from hf_specdec import Eagle3Drafter, ModelDrafter, SortedDrafter
     from hf_specdec.drafters import load_drafter
+    from hf_specdec.drafters.guided import GuidedModelDrafter
 
     _, output_dir, payload = lab_dirs
     assert rebuilt(payload) == set(STAGES) | set(DRAFTERS)
@@ -97,8 +99,14 @@ def test_every_stage_produces_its_outputs(lab_dirs):
         directory = output_dir / "drafters" / name
         assert AutoTokenizer.from_pretrained(directory).get_vocab() == tokenizer.get_vocab()
         drafter = load_drafter(str(directory), num_draft_tokens=3)
-        assert isinstance(drafter, SortedDrafter if name == "soft" else ModelDrafter)
+        kinds = {"soft": SortedDrafter, "guided": GuidedModelDrafter, "eagle3": Eagle3Drafter}
+        assert type(drafter) is kinds.get(name, ModelDrafter), name
     assert SortedDrafter.from_pretrained(str(output_dir / "drafters" / "soft")).exits == [1, 2]
+    # the target is 2 layers deep: both read its hidden states 1 and 2 (EAGLE-3's default for a target that shallow)
+    assert payload["drafters"]["guided"]["settings"]["states"] == payload["drafters"]["eagle3"]["settings"]["states"]
+    assert payload["drafters"]["eagle3"]["settings"]["states"] == [1, 2]
+    head = load_drafter(str(output_dir / "drafters" / "eagle3")).model
+    assert head.config.draft_vocab_size == 128 and head.config.aux_hidden_state_layer_ids == [1, 2]
     assert payload["drafters"]["adaspec"]["metrics"]["steps"] == 5  # distill_fkl_steps / k = 2 / 0.4
     assert payload["drafters"]["distill-fkl-long"]["metrics"]["steps"] == 5
     assert set(payload["heldout_acceptance"]) == set(DRAFTERS)
@@ -132,6 +140,10 @@ def test_changed_settings_rebuild_only_what_depends_on_them(lab_dirs, tmp_path):
     payload = run(text_dir, copy, "--benchmark", "false", "--sft_steps", "3", "--distill_fkl_steps", "3",
                   "--num_prompts", "3", "--eval_blocks", "4")
     assert rebuilt(payload) == {"prompts"} and len((copy / "heldout.jsonl").read_text().splitlines()) == 3
+    # the EAGLE-3 head's TTT depth is its own; the guided drafter is trained for the benchmark's draft length
+    payload = run(text_dir, copy, "--benchmark", "false", "--sft_steps", "3", "--distill_fkl_steps", "3",
+                  "--num_prompts", "3", "--eagle3_ttt_steps", "3", "--num_draft_tokens", "3")
+    assert rebuilt(payload) == {"eagle3", "guided"}
 
 
 def test_on_policy_distillation_retrains_the_distilled_drafters(lab_dirs, tmp_path):
