@@ -160,3 +160,14 @@ def test_clear_errors(target, tmp_path):
         random_head(target).save_pretrained(tmp_path / "x", format="onnx")
     with pytest.raises(ValueError, match="norm_before_fc"):
         random_head(target, norm_before_fc=True).save_pretrained(tmp_path / "y", format="eagle3")
+
+
+def test_the_trained_draft_length_travels_with_the_head(target, tmp_path):
+    head = random_head(target)
+    head.config.draft_length = 7
+    head.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 7  # what vLLM proposes
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path)
+    assert loaded.config.draft_length == 7 and loaded.as_drafter().num_draft_tokens == 7
+    assert loaded.as_drafter(num_draft_tokens=3).num_draft_tokens == 3

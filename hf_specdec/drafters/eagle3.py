@@ -34,10 +34,13 @@ class Eagle3Drafter(ModelDrafter):
 
     target_hidden_scope = "accepted"
 
-    def __init__(self, model, num_draft_tokens: int = 5, schedule: str = "constant", tree: TreeConfig | None = None):
+    def __init__(self, model, num_draft_tokens: int | None = None, schedule: str = "constant",
+                 tree: TreeConfig | None = None):
+        """`num_draft_tokens` defaults to the depth the head was trained for (`config.draft_length`), else 5."""
         if not isinstance(model, Eagle3DraftModel):
             raise TypeError(f"Eagle3Drafter needs an hf_specdec.eagle3.Eagle3DraftModel, got {type(model).__name__}; "
                             "load heads with Eagle3DraftModel.from_pretrained(...).")
+        num_draft_tokens = num_draft_tokens or getattr(model.config, "draft_length", None) or 5
         super().__init__(model, num_draft_tokens=num_draft_tokens, schedule=schedule, tree=tree)
         self.hidden_size = model.config.hidden_size
 

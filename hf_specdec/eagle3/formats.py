@@ -123,12 +123,18 @@ def _config_from_speculators(config: dict) -> Eagle3Config:
         draft_vocab_size=config.get("draft_vocab_size"),
         target_hidden_size=config.get("target_hidden_size"),
         aux_hidden_state_layer_ids=config.get("eagle_aux_hidden_state_layer_ids"),
+        draft_length=_proposed_length(config),
         norm_before_residual=config.get("norm_before_residual", True),  # vLLM's reading of a missing key
         norm_before_fc=config.get("norm_before_fc", False),
         fc_norm=config.get("fc_norm", False),
         norm_output=config.get("norm_output", False),
         verifier_name_or_path=verifier.get("name_or_path"),
     )
+
+
+def _proposed_length(config: dict) -> int | None:
+    methods = (config.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    return methods[0].get("speculative_tokens")
 
 
 def _config_from_native(config: dict, weights: dict) -> Eagle3Config:
@@ -180,7 +186,8 @@ def _saved_dtype(config: dict) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- writing
 def save_eagle3(model: Eagle3DraftModel, directory: str, format: str = SPECULATORS, save_embedding: bool = False,
-                state_dict: dict | None = None, num_draft_tokens: int = 3, verifier_name_or_path: str | None = None,
+                state_dict: dict | None = None, num_draft_tokens: int | None = None,
+                verifier_name_or_path: str | None = None,
                 **ignored) -> None:
     """Write `model` for vLLM (`format="speculators"`) or SGLang / SpecForge / EAGLE (`format="eagle3"`).
     The embedding is the target's and is left out unless `save_embedding`. `verifier_name_or_path` names the
@@ -194,6 +201,8 @@ def save_eagle3(model: Eagle3DraftModel, directory: str, format: str = SPECULATO
     weights = {key: value.detach().contiguous() for key, value in (state_dict or model.state_dict()).items()
                if save_embedding or key != "embed_tokens.weight"}
     if format == SPECULATORS:
+        # the proposal's draft length: as asked, else what the head was trained for, else speculators' default
+        num_draft_tokens = num_draft_tokens or model.config.draft_length or 3
         config = speculators_config(model.config, num_draft_tokens, model.dtype)
     else:
         config = native_config(model.config, model.dtype)

@@ -45,6 +45,7 @@ class Eagle3Config(PretrainedConfig):
         fc_norm: one RMSNorm per target state before `fc` (speculators' `fc_norm`).
         norm_output: later steps read `norm(out)` instead of `out` ("EAGLE 3.1").
         verifier_name_or_path: the target the head was trained for (informational; exports name it).
+        draft_length: the draft depth the head was trained for (Eagle3Trainer's `ttt_steps`); exports propose it.
     """
 
     model_type = "hf_specdec_eagle3"
@@ -61,6 +62,7 @@ class Eagle3Config(PretrainedConfig):
     fc_norm: bool = False
     norm_output: bool = False
     verifier_name_or_path: str | None = None
+    draft_length: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
