@@ -341,7 +341,7 @@ class _Run:
                 f"{type(self.model).__name__} returned {0 if states is None else len(states)} of them; pick layers "
                 "the target has (hidden_states[i] is the input of decoder layer i)."
             )
-        return [states[index] for index in self.hidden_layers]
+        return [states[index].to(self.device) for index in self.hidden_layers]  # (a target split over devices)
 
     # ------------------------------------------------------------------ bookkeeping
     def _state(self) -> DecodingState:

@@ -19,7 +19,7 @@ EMBEDDING = load_file(FIXTURES / "target_embed.safetensors")["embed_tokens.weigh
 
 def load_head(fmt: str) -> Eagle3DraftModel:
     head = Eagle3DraftModel.from_pretrained(FIXTURES / fmt)
-    head.embed_tokens.weight.data.copy_(EMBEDDING)  # the target's embedding (native checkpoints have none)
+    head.set_input_embeddings(torch.nn.Embedding.from_pretrained(EMBEDDING))  # the target's (native has none)
     return head
 
 

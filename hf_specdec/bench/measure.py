@@ -57,17 +57,19 @@ class ForwardMeter:
         return hook
 
 
-@torch.no_grad()
-def state_inputs(model, width: int) -> dict:
-    """What a drafter that reads states besides tokens takes per step (an EAGLE-3 head: its previous state)."""
+def state_inputs(model, width: int, target) -> dict:
+    """What a drafter that reads states besides tokens takes per step (an EAGLE-3 head: its previous state, and
+    the target's embedding)."""
     from ..eagle3 import Eagle3DraftModel
 
-    if isinstance(model, Eagle3DraftModel):
-        return {"hidden_states": torch.zeros(1, width, model.config.hidden_size, device=model.device,
-                                             dtype=model.dtype)}
-    return {}
+    if not isinstance(model, Eagle3DraftModel):
+        return {}
+    if model.get_input_embeddings() is None:
+        model.attach_target(target)
+    return {"hidden_states": torch.zeros(1, width, model.config.hidden_size, device=model.device, dtype=model.dtype)}
 
 
+@torch.no_grad()
 def measure_step_costs(target, draft, num_verify_tokens: int, context_length: int = 32, steps: int = 12) -> dict:
     """Median seconds of one cached decoding step of each model, and of a `num_verify_tokens`-token target forward.
 
@@ -83,13 +85,13 @@ def measure_step_costs(target, draft, num_verify_tokens: int, context_length: in
 
         cache = DynamicCache(config=model.config)
         cache_kwargs = {cache_argument(model): cache}
-        model(context.to(model.device), use_cache=True, **cache_kwargs, **state_inputs(model, context_length))
+        model(context.to(model.device), use_cache=True, **cache_kwargs, **state_inputs(model, context_length, target))
         tokens = context[:, :width].to(model.device)
         timings = []
         for _ in range(steps + 2):  # the first two are warm-up
             synchronize(model.device)
             start = time.perf_counter()
-            model(tokens, use_cache=True, **cache_kwargs, **state_inputs(model, width))
+            model(tokens, use_cache=True, **cache_kwargs, **state_inputs(model, width, target))
             synchronize(model.device)
             timings.append(time.perf_counter() - start)
             cache.crop(-width)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import CAPACITY_BUCKET
 from ..draft import Draft
-from ..eagle3.modeling import Eagle3DraftModel, default_aux_layer_ids
+from ..eagle3.modeling import Eagle3DraftModel, check_layer_ids, default_aux_layer_ids
 from .base import DecodingState, TreeConfig
 from .model import ModelDrafter
 
-PROMPT_CHUNK = CAPACITY_BUCKET  # the prompt's pairs are fed in chunks of this many columns
+PROMPT_CHUNK = 256  # the prompt's pairs are fed in chunks of this many columns (bounds the mask's size)
 
 
 class Eagle3Drafter(ModelDrafter):
@@ -132,7 +131,13 @@ class Eagle3Drafter(ModelDrafter):
         self.cache.keep(path[:, :0], torch.zeros_like(num_accepted))
 
     def _process(self, logits, state, prefixes):
-        return super()._process(self.model.logits_in_target_vocabulary(logits.float()), state, prefixes)
+        scores = super()._process(self.model.logits_in_target_vocabulary(logits.float()), state, prefixes)
+        # The processors may remove every token of the draft vocabulary (a top-k or an allow-list outside it):
+        # such a position then drafts token 0 with q = 1, which the verifier refuses unless the target agrees, so
+        # the output stays exact.
+        stuck = ~torch.isfinite(scores).any(-1)
+        scores[..., 0] = torch.where(stuck, 0.0, scores[..., 0])
+        return scores
 
 
 def parent_ids(ancestors: torch.Tensor, node_ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,4 @@ def check_target(target, config) -> None:
     if text.vocab_size != config.vocab_size:
         raise ValueError(f"The EAGLE-3 head embeds the target's vocabulary of {config.vocab_size} tokens, but the "
                          f"target has {text.vocab_size}: use a head trained for this target.")
-    bad = [i for i in config.aux_hidden_state_layer_ids if i > text.num_hidden_layers]
-    if bad:
-        raise ValueError(f"The EAGLE-3 head reads hidden_states {config.aux_hidden_state_layer_ids}, but the target has "
-                         f"{text.num_hidden_layers} layers (indices 0..{text.num_hidden_layers}).")
+    check_layer_ids(config.aux_hidden_state_layer_ids, text.num_hidden_layers)

@@ -67,6 +67,10 @@ class RoutedDrafter(Drafter):
                                                   for layer in drafter.target_hidden_layers}))
         self.last_choice: list[str] | None = None  # each row's drafter at prefill in the last call
 
+    def bind(self, target) -> None:
+        for drafter in self.drafters:
+            drafter.bind(target)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, directory, num_draft_tokens: int = 5, tree: TreeConfig | None = None,

@@ -54,9 +54,17 @@ def is_eagle3_checkpoint(name_or_path: str, **hub_kwargs) -> bool:
     return config is not None and checkpoint_format(config) is not None
 
 
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
 def load_eagle3(name_or_path: str, dtype: torch.dtype | str | None = None, device=None,
                 **hub_kwargs) -> Eagle3DraftModel:
     """An `Eagle3DraftModel` from a local folder or Hub id in either format (detected from `config.json`)."""
+    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(f"Eagle3DraftModel.from_pretrained got unexpected arguments {unknown}; it takes dtype, device "
+                        f"and the Hub's {list(HUB_KWARGS)}.")
+    name_or_path = str(name_or_path)
     config = _read_config(name_or_path, **hub_kwargs)
     if config is None:
         raise OSError(f"{name_or_path} has no config.json: not a checkpoint folder or Hub id.")
@@ -70,7 +78,10 @@ def load_eagle3(name_or_path: str, dtype: torch.dtype | str | None = None, devic
                    _config_from_native(config, weights))
     weights = {key.replace("midlayer.", "layers.0.", 1) if key.startswith("midlayer.") else key: value
                for key, value in weights.items() if not key.startswith(IGNORED_WEIGHTS)}
-    model = Eagle3DraftModel(head_config)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight comes from the checkpoint: skip the random initialisation
+        model = Eagle3DraftModel(head_config)
     _load_weights(model, weights, name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     dtype = _saved_dtype(config) if dtype in (None, "auto") else dtype
@@ -148,10 +159,13 @@ def _config_from_native(config: dict, weights: dict) -> Eagle3Config:
     ids = [int(k) + 1 for k in nested] if nested is not None else config.get("eagle_aux_hidden_state_layer_ids")
     return Eagle3Config(
         transformer_layer_config=layer,
-        draft_vocab_size=config.get("draft_vocab_size", target_vocab),
+        draft_vocab_size=config.get("draft_vocab_size") or target_vocab,
         target_hidden_size=config.get("target_hidden_size"),
         aux_hidden_state_layer_ids=ids,
         norm_before_residual=config.get("norm_before_residual", False),
+        norm_before_fc=config.get("norm_before_fc", False),  # (as speculators' converter reads them)
+        fc_norm=config.get("fc_norm", False),
+        norm_output=config.get("norm_output", False),
         verifier_name_or_path=config.get("verifier_name_or_path"),
     )
 
@@ -166,16 +180,25 @@ def _rope_fields(config: dict) -> dict:
 
 
 def _load_weights(model: Eagle3DraftModel, weights: dict, name_or_path: str) -> None:
-    if "embed_tokens.weight" not in weights:  # the usual case: the target's embedding is attached at start
-        weights["embed_tokens.weight"] = model.embed_tokens.weight.detach()
-    if "d2t" not in weights and model.config.draft_vocab_size == model.config.vocab_size:
-        weights.setdefault("t2d", model.t2d)
-        weights["d2t"] = model.d2t
+    config = model.config
+    embedding = weights.pop("embed_tokens.weight", None)  # a copy of the target's; the target's replaces it
+    if "d2t" not in weights:
+        if config.draft_vocab_size != config.vocab_size:
+            raise ValueError(f"{name_or_path} has a draft vocabulary of {config.draft_vocab_size} of the target's "
+                             f"{config.vocab_size} tokens but no `d2t` mapping.")
+        weights["d2t"] = torch.zeros(config.draft_vocab_size, dtype=torch.long)  # the identity
+    weights["d2t"] = weights["d2t"].long()
+    targets = torch.arange(len(weights["d2t"])) + weights["d2t"]
+    if len(targets) != config.draft_vocab_size or int(targets.min()) < 0 or int(targets.max()) >= config.vocab_size:
+        raise ValueError(f"{name_or_path}: `d2t` maps draft ids outside the target's vocabulary of {config.vocab_size} "
+                         f"tokens (or has {len(targets)} entries for draft_vocab_size={config.draft_vocab_size}).")
+    weights["t2d"] = torch.zeros(config.vocab_size, dtype=torch.bool).index_fill_(0, targets, True)  # from d2t
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{name_or_path} does not match its config: missing weights {sorted(missing)}, unexpected "
                          f"{sorted(unexpected)}.")
-    model.d2t, model.t2d = model.d2t.long(), model.t2d.bool()
+    if embedding is not None and tuple(embedding.shape) == (config.vocab_size, config.hidden_size):
+        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(embedding.float(), freeze=True))
 
 
 def _saved_dtype(config: dict) -> torch.dtype:
@@ -187,19 +210,32 @@ def _saved_dtype(config: dict) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------- writing
 def save_eagle3(model: Eagle3DraftModel, directory: str, format: str = SPECULATORS, save_embedding: bool = False,
                 state_dict: dict | None = None, num_draft_tokens: int | None = None,
-                verifier_name_or_path: str | None = None,
-                **ignored) -> None:
+                verifier_name_or_path: str | None = None, is_main_process: bool = True,
+                safe_serialization: bool = True, max_shard_size=None, push_to_hub: bool = False, **unknown) -> None:
     """Write `model` for vLLM (`format="speculators"`) or SGLang / SpecForge / EAGLE (`format="eagle3"`).
     The embedding is the target's and is left out unless `save_embedding`. `verifier_name_or_path` names the
     target in the export (the Hub id a server loads; default: the one the head was made for)."""
+    if unknown:
+        raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown)}.")
+    if push_to_hub:
+        raise ValueError("Save the head, then upload the folder (`huggingface_hub.upload_folder`), or call "
+                         "head.push_to_hub(repo_id): save_pretrained(push_to_hub=True) is not supported.")
+    if not safe_serialization:
+        raise ValueError("EAGLE-3 heads are written as safetensors only (what vLLM and SGLang read).")
     if verifier_name_or_path is not None:
         model.config.verifier_name_or_path = verifier_name_or_path
+    if not is_main_process:  # (under FSDP / DeepSpeed every process calls save; one writes)
+        return
     if format not in FORMATS:
         raise ValueError(f"format={format!r} must be one of {FORMATS}: 'speculators' for vLLM and speculators, "
                          "'eagle3' for SGLang, SpecForge and EAGLE.")
     os.makedirs(directory, exist_ok=True)
-    weights = {key: value.detach().contiguous() for key, value in (state_dict or model.state_dict()).items()
-               if save_embedding or key != "embed_tokens.weight"}
+    weights = {key: value.detach().contiguous()
+               for key, value in (model.state_dict() if state_dict is None else state_dict).items()}
+    if save_embedding:
+        if model.get_input_embeddings() is None:
+            raise ValueError("save_embedding=True needs the target's embedding: head.attach_target(target) first.")
+        weights["embed_tokens.weight"] = model.get_input_embeddings().weight.detach().contiguous()
     if format == SPECULATORS:
         # the proposal's draft length: as asked, else what the head was trained for, else speculators' default
         num_draft_tokens = num_draft_tokens or model.config.draft_length or 3

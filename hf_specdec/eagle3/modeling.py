@@ -92,6 +92,11 @@ class Eagle3Config(PretrainedConfig):
         return self.transformer_layer_config.hidden_size
 
     @property
+    def num_target_states(self) -> int:
+        """How many target states `fc` fuses (3 when a checkpoint does not name its layers)."""
+        return len(self.aux_hidden_state_layer_ids or [None] * 3)
+
+    @property
     def vocab_size(self) -> int:
         return self.transformer_layer_config.vocab_size
 
@@ -142,12 +147,13 @@ class Eagle3Attention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, 0)
-        repeat = self.num_heads // self.num_kv_heads
-        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
-        if attention_mask is None:  # no cache, no mask: plain causal attention over this call
-            output = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
-        else:
-            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask.to(query.dtype))
+        if attention_mask is None and length > 1:  # causal, the queries being the last `length` keys
+            attention_mask = torch.ones(length, key.shape[2], dtype=torch.bool, device=x.device).tril(
+                key.shape[2] - length)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(output.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -182,15 +188,15 @@ class Eagle3DraftModel(PreTrainedModel):
     main_input_name = "input_ids"
     _supports_sdpa = True
     _no_split_modules: ClassVar[list[str]] = ["Eagle3Layer"]
-    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"verifier_lm_head\..*"]
 
     def __init__(self, config: Eagle3Config):
         super().__init__(config)
         layer = config.transformer_layer_config
         hidden, target_hidden = layer.hidden_size, config.target_hidden_size
-        num_states = len(config.aux_hidden_state_layer_ids or [None] * 3)
-        self.embed_tokens = nn.Embedding(layer.vocab_size, hidden, padding_idx=getattr(layer, "pad_token_id", None))
-        self.embed_tokens.weight.requires_grad_(False)  # the target's embedding: never trained
+        num_states = config.num_target_states
+        # The embedding is the target's (`attach_target`), held by reference, never registered: not saved, not
+        # trained, not moved or cast with the head, and the head's dtype / device stay its own.
+        object.__setattr__(self, "_target_embedding", None)
         if config.fc_norm:  # one norm per target state
             self.fc_norm = nn.ModuleList(LlamaRMSNorm(target_hidden, eps=layer.rms_norm_eps)
                                          for _ in range(num_states))
@@ -218,6 +224,7 @@ class Eagle3DraftModel(PreTrainedModel):
         text = target_config.get_text_config()
         # attribute access: other families name these fields differently (attribute_map, e.g. GPT-2's n_embd)
         fields = {key: getattr(text, key) for key in _LAYER_KEYS if getattr(text, key, None) is not None}
+        fields["tie_word_embeddings"] = False  # the head's LM head is its own
         fields["intermediate_size"] = (intermediate_size or getattr(text, "intermediate_size", None)
                                        or getattr(text, "n_inner", None) or 4 * text.hidden_size)
         layer = LlamaConfig(num_hidden_layers=1, **fields)
@@ -268,13 +275,8 @@ class Eagle3DraftModel(PreTrainedModel):
             self.t2d[target_ids] = True
 
     def attach_target(self, target) -> None:
-        """Share the target's input embedding (the head's own copy, if it had one, is replaced)."""
-        embedding = target.get_input_embeddings()
-        if tuple(embedding.weight.shape) != tuple(self.embed_tokens.weight.shape):
-            raise ValueError(f"The head expects an embedding of shape {tuple(self.embed_tokens.weight.shape)} "
-                             f"(target vocabulary × hidden size), but the target's is "
-                             f"{tuple(embedding.weight.shape)}: this head was made for another target.")
-        self.embed_tokens = embedding
+        """Embed tokens with the target's own input embedding (held by reference; see `__init__`)."""
+        self.set_input_embeddings(target.get_input_embeddings())
 
     def as_drafter(self, **kwargs):
         """This head as an hf_specdec drafter for `generate(assistant_model=...)`."""
@@ -283,10 +285,16 @@ class Eagle3DraftModel(PreTrainedModel):
         return Eagle3Drafter(self, **kwargs)
 
     def get_input_embeddings(self):
-        return self.embed_tokens
+        return self._target_embedding
 
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        expected = (self.config.vocab_size, self.config.hidden_size)
+        shape = tuple(getattr(getattr(value, "weight", None), "shape", ()))
+        if shape != expected:
+            raise ValueError(f"The head embeds with its target's input embedding, of shape {expected} (target "
+                             f"vocabulary × hidden size); got {shape or type(value).__name__}: this head was made "
+                             "for another target.")
+        object.__setattr__(self, "_target_embedding", value)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -316,8 +324,7 @@ class Eagle3DraftModel(PreTrainedModel):
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """The target's states → the head's input state: `[..., n, H_t]` (stacked) or `[..., n·H_t]`
         (concatenated, low to high) → `[..., H]`."""
-        num_states, target_hidden = len(self.config.aux_hidden_state_layer_ids or [None] * 3), \
-            self.config.target_hidden_size
+        num_states, target_hidden = self.config.num_target_states, self.config.target_hidden_size
         if features.shape[-1] == num_states * target_hidden:
             features = features.unflatten(-1, (num_states, target_hidden))
         if tuple(features.shape[-2:]) != (num_states, target_hidden):
@@ -346,7 +353,10 @@ class Eagle3DraftModel(PreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(len(input_ids), -1)
-        embeds = self.embed_tokens(input_ids).to(hidden.dtype)
+        if self._target_embedding is None:
+            raise ValueError("The EAGLE-3 head embeds tokens with its target's embedding: call "
+                             "head.attach_target(target) first (generate() does it for you).")
+        embeds = self._target_embedding(input_ids.to(self._target_embedding.weight.device)).to(hidden)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
                 ~attention_mask, torch.finfo(hidden.dtype).min)
@@ -360,8 +370,7 @@ class Eagle3DraftModel(PreTrainedModel):
 
 _LAYER_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
-               "rope_scaling", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
-               "tie_word_embeddings")
+               "rope_scaling", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def check_layer_ids(ids, num_hidden_layers: int) -> None:
