@@ -6,8 +6,10 @@
 
 Writes `out/teacher/train` and `out/teacher/eval` (`datasets.save_to_disk`), each row a tokenized training row with
 the target's top-k next-token log-probabilities, their tail mass and (with `--state_layers`) the hidden states an
-EAGLE-3 head reads, in bf16 (see `trainers/offline.py`), plus `teacher.json`. `Eagle3Trainer` trains from it with
-no target loaded: `--offline_teacher out/teacher` in recipes/eagle3.py.
+EAGLE-3 head reads, in bf16 (see `trainers/offline.py`), plus `teacher.json`, the tokenizer and `target/`: what a
+drafter still needs of the target without its weights (config.json, generation_config.json and the input embedding,
+embedding.safetensors). `Eagle3Trainer` trains from it with no target loaded: `--offline_teacher out/teacher` in
+recipes/eagle3.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from _common import RecipeArguments, load_datasets, parse_args, tiny_models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainers.data import tokenize_dataset
-from trainers.offline import TeacherMetadata, precompute_teacher
+from trainers.offline import TARGET_PARTS_DIR, TargetParts, TeacherMetadata, precompute_teacher
 
 
 @dataclass
@@ -40,7 +42,9 @@ def main(argv=None):
     train, heldout = load_datasets(recipe, args.output_dir)
     if recipe.tiny:
         tokenizer, target, _ = tiny_models(recipe, args.output_dir, train)
+        teacher_name = str(Path(args.output_dir) / "tiny-target")  # where tiny_models saved it
     elif recipe.target_model:
+        teacher_name = recipe.target_model
         tokenizer = AutoTokenizer.from_pretrained(recipe.target_model)
         target = AutoModelForCausalLM.from_pretrained(recipe.target_model, dtype="auto", device_map="auto")
     else:
@@ -51,8 +55,10 @@ def main(argv=None):
         teacher = precompute_teacher(target, rows, top_k=args.top_k, temperature=args.temperature,
                                      state_layers=args.state_layers, batch_size=args.batch_size, pad_token_id=pad)
         teacher.save_to_disk(str(Path(args.output_dir) / name))
-    metadata = TeacherMetadata(teacher=recipe.target_model or "tiny", top_k=args.top_k, temperature=args.temperature,
-                               state_layers=args.state_layers, vocab_size=target.config.get_text_config().vocab_size)
+    TargetParts.from_model(target).save(str(Path(args.output_dir) / TARGET_PARTS_DIR))
+    metadata = TeacherMetadata(teacher=teacher_name, top_k=args.top_k, temperature=args.temperature,
+                               state_layers=args.state_layers, vocab_size=target.config.get_text_config().vocab_size,
+                               target_parts=TARGET_PARTS_DIR)
     metadata.save(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"teacher outputs for {len(train)} + {len(heldout)} rows in {args.output_dir}")

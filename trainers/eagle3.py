@@ -18,25 +18,48 @@ cross-entropy minus the target's entropy, so the same gradients) between the hea
 restricted to the draft vocabulary; rows whose target argmax is outside it are skipped (the head cannot propose
 that token). Step i is weighted `ttt_decay ** i`; the sum is divided by the number of trained step-0 rows in the
 optimizer step (`count_loss_tokens`), which keeps gradients exact under accumulation and across processes.
+
+Offline teachers: a training set written by `recipes/offline_teacher.py` (`trainers.offline`) already holds, per
+token, the target's states at the head's layers and its top-k next-token log-probabilities with their tail mass,
+so no target runs and none is in memory. The features are the stored states; the teacher is the stored sparse
+distribution, restricted to the draft vocabulary as `trainers.offline` describes: the kept ids in the draft
+vocabulary keep their probability, the kept ids outside it leave (as the online loss drops them), the teacher is
+renormalised over the rest, and the tail is one bucket, matched by the head's mass outside the kept ids. The
+divergence (any of `divergence`) is taken between these coarse distributions: the online loss itself when the
+stored k covers the vocabulary; otherwise it trains the probability of every kept id and the mass of the rest.
+Masking and indexing are the online path's, with the stored most likely id as the target's argmax.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, DynamicCache, set_seed
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache, PretrainedConfig, set_seed
 
 from hf_specdec.eagle3 import Eagle3DraftModel
 from hf_specdec.eagle3.modeling import check_layer_ids
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer, call_inside_forward, check_same_tokenizer, load_causal_lm
+from .data import has_trained_token
 from .losses import IGNORE_INDEX, expected_acceptance, normalize_token_loss
+from .offline import (
+    STATES_COLUMN,
+    OfflineTeacherCollator,
+    TargetParts,
+    TeacherMetadata,
+    coarse_log_probs,
+    coarse_student_log_probs,
+    is_offline_teacher,
+)
 
 
 @dataclass
@@ -63,8 +86,9 @@ class Eagle3TrainingConfig(BaseDrafterConfig):
     aux_hidden_state_layer_ids: list[int] | None = field(
         default=None,
         metadata={"help": "Target hidden_states indices a fresh head reads (0 = embeddings, k = output of decoder "
-                  "layer k - 1), low to high. None: EAGLE-3's (2, L // 2, L - 3), or the states at 1/4, 1/2 and 3/4 of "
-                  "the depth for targets too shallow for that. A given head keeps its own."},
+                  "layer k - 1), low to high. None: an offline teacher's stored layers, else EAGLE-3's (2, L // 2, "
+                  "L - 3), or the states at 1/4, 1/2 and 3/4 of the depth for targets too shallow for that. A given "
+                  "head keeps its own."},
     )
 
     def __post_init__(self):
@@ -89,7 +113,9 @@ def token_counts(dataset_or_token_ids, vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size, dtype=torch.long)
     if hasattr(dataset_or_token_ids, "column_names"):
         column = "labels" if "labels" in dataset_or_token_ids.column_names else "input_ids"
-        chunks = (batch[column] for batch in dataset_or_token_ids.iter(batch_size=1024))
+        # that column alone, as Arrow: whatever the dataset's format, and never its other (teacher) columns
+        batches = dataset_or_token_ids.select_columns([column]).with_format("arrow").iter(batch_size=1024)
+        chunks = (torch.tensor(batch.column(column).combine_chunks().flatten().to_numpy()) for batch in batches)
     else:
         chunks = [dataset_or_token_ids]
     for chunk in chunks:
@@ -190,6 +216,69 @@ def ttt_unroll(head: Eagle3DraftModel, input_ids: torch.Tensor, attention_mask: 
     return step_logits
 
 
+# ----- the teachers -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetTeacher:
+    """The live target's logits [.., V]: its whole next-token distribution at every position."""
+
+    logits: torch.Tensor
+
+    def at(self, index) -> TargetTeacher:
+        return TargetTeacher(self.logits[index])
+
+    def argmax(self) -> torch.Tensor:
+        return self.logits.argmax(-1)
+
+    def divergence(self, divergence_fn, head: Eagle3DraftModel, draft_logits: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+        """Per row: from the target's distribution renormalised over the draft vocabulary."""
+        return divergence_fn(draft_logits, self.logits[..., head.draft_to_target], temperature)
+
+    def acceptance(self, head: Eagle3DraftModel, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Σ min(p, q) of speculative sampling at temperature 1 (a target token outside the draft vocabulary is a
+        miss: q is 0 there)."""
+        return expected_acceptance(head.logits_in_target_vocabulary(draft_logits), self.logits)
+
+
+@dataclass
+class StoredTeacher:
+    """An offline teacher's sparse distribution at its stored `temperature`: the k kept ids [.., k] (most likely
+    first), their log-probabilities [.., k] and the log-mass of the rest [..]."""
+
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+    temperature: float
+
+    def at(self, index) -> StoredTeacher:
+        return StoredTeacher(self.top_ids[index], self.top_logprobs[index], self.tail_logprob[index],
+                             self.temperature)
+
+    def argmax(self) -> torch.Tensor:
+        return self.top_ids[..., 0]
+
+    def _in_draft_vocabulary(self, head: Eagle3DraftModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft id of every kept id, and whether the draft vocabulary has it."""
+        return (head.t2d.cumsum(0) - 1)[self.top_ids], head.t2d[self.top_ids]
+
+    def divergence(self, divergence_fn, head: Eagle3DraftModel, draft_logits: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+        """Per row: between the coarse distributions over the kept draft-vocabulary ids and one bucket (module
+        docstring); at k = V, the online divergence."""
+        draft_ids, expressible = self._in_draft_vocabulary(head)
+        teacher, student = coarse_log_probs(draft_logits.float() / temperature, draft_ids, self.top_logprobs,
+                                            self.tail_logprob, expressible)
+        return divergence_fn(student, teacher, 1.0)  # normalised log-probabilities, already tempered
+
+    def acceptance(self, head: Eagle3DraftModel, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Σ min(p, q) over the kept ids only, at the stored temperature: the tail's share is not stored, so this
+        is a lower bound, exact when nothing is cut."""
+        kept, _ = coarse_student_log_probs(draft_logits.float() / self.temperature, *self._in_draft_vocabulary(head))
+        return torch.minimum(self.top_logprobs.float().exp(), kept.exp()).sum(-1)  # q = 0 outside the vocabulary
+
+
 # ----- the trainer ------------------------------------------------------------------------------------------------
 
 
@@ -198,12 +287,27 @@ class Eagle3Trainer(BaseDrafterTrainer):
 
     `model` is an `Eagle3DraftModel`, a path to one, or None: a fresh head is built for the target
     (`Eagle3DraftModel.from_target`, `args.aux_hidden_state_layer_ids`) with a draft vocabulary of
-    `args.draft_vocab_size` tokens counted on `train_dataset`. The head shares the target's input embedding (frozen,
-    never in the optimizer). The tokenizer is the target's (loaded from `teacher_model` when it is a path).
+    `args.draft_vocab_size` tokens counted on `train_dataset`. The head embeds with the target's input embedding
+    (held by reference: frozen, never in the optimizer). The tokenizer is the target's (loaded from `teacher_model` when it is a path, or from
+    the `teacher_metadata` folder).
+
+    With an offline teacher dataset as `train_dataset` (and `eval_dataset`: `recipes/offline_teacher.py` writes
+    both), no target runs or stays in memory. The head still needs two things of its target: the input embedding
+    (it reads tokens through it; a head checkpoint does not hold it) and, for a fresh head, the config. They come
+    from the first of:
+
+    - `teacher_model`: the target, or a path to it — used for its config and embedding only, never run, not kept;
+    - `target_config` (a `PretrainedConfig`, or a folder / config.json) and `target_embedding` (an `nn.Embedding`,
+      its weight, or a .safetensors file of it);
+    - `teacher_metadata` given as the folder that recipes/offline_teacher.py wrote: its `target/` subfolder.
+
+    `teacher_metadata` (a `TeacherMetadata` or the folder of its teacher.json) is checked against the head: the
+    stored layers must be the ones it reads (a fresh head reads them by default), the vocabulary its target's, the
+    stored temperature `args.temperature`. Without it only the width of the stored states is checked.
     """
 
     config_class = Eagle3TrainingConfig
-    requires_teacher = True
+    requires_teacher = False  # checked here: a target to run, or an offline teacher dataset
     _tag_names = (*BaseDrafterTrainer._tag_names, "eagle3")
     _name = "EAGLE-3"
     _paper: ClassVar[dict[str, str]] = {
@@ -212,32 +316,108 @@ class Eagle3Trainer(BaseDrafterTrainer):
     }
 
     def __init__(self, model: str | Eagle3DraftModel | None = None, teacher_model=None,
-                 args: Eagle3TrainingConfig | None = None, processing_class=None, **kwargs):
+                 args: Eagle3TrainingConfig | None = None, processing_class=None, *,
+                 teacher_metadata: TeacherMetadata | str | None = None,
+                 target_config: PretrainedConfig | str | None = None,
+                 target_embedding: nn.Embedding | torch.Tensor | str | None = None, **kwargs):
         if args is None:
             args = Eagle3TrainingConfig(output_dir="eagle3-head")
         elif not isinstance(args, Eagle3TrainingConfig):
             raise TypeError(f"Eagle3Trainer needs an Eagle3TrainingConfig, got {type(args).__name__}.")
-        if teacher_model is None:
-            raise ValueError("Eagle3Trainer needs `teacher_model=` (the target whose hidden states the head reads).")
+        datasets = self._given_datasets(kwargs)
+        self.offline = self._is_offline(datasets)
         if isinstance(teacher_model, str):
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(teacher_model)
             else:
                 check_same_tokenizer(processing_class, teacher_model, "teacher_model")
-        target = load_causal_lm(teacher_model, args.teacher_model_init_kwargs, "teacher_model")
-        head = self._head(model, target, args)
+        elif (processing_class is None and isinstance(teacher_metadata, (str, os.PathLike))
+              and os.path.isfile(os.path.join(teacher_metadata, "tokenizer_config.json"))):
+            processing_class = AutoTokenizer.from_pretrained(teacher_metadata)  # recipes/offline_teacher.py saves it
+        if self.offline:
+            metadata, target = self._offline_target(teacher_model, teacher_metadata, target_config, target_embedding,
+                                                    args)
+        elif teacher_model is None:
+            raise ValueError("Eagle3Trainer needs `teacher_model=` (the target whose hidden states the head reads), "
+                             "or an offline teacher dataset as `train_dataset` (recipes/offline_teacher.py).")
+        elif not (teacher_metadata is None and target_config is None and target_embedding is None):
+            raise ValueError("`teacher_metadata`, `target_config` and `target_embedding` are for training from an "
+                             "offline teacher dataset, but the datasets have no teacher columns "
+                             "(recipes/offline_teacher.py writes them); a live target needs only `teacher_model`.")
+        else:
+            metadata, target = None, load_causal_lm(teacher_model, args.teacher_model_init_kwargs, "teacher_model")
+        head = self._head(model, target, args, metadata)
         head.attach_target(target)
+        head.config.draft_length = args.ttt_steps  # what exports propose and as_drafter() defaults to
+        if self.offline:
+            self._check_stored_states(head, metadata, args, datasets)
+            kwargs["data_collator"] = kwargs.get("data_collator") or OfflineTeacherCollator(
+                self._resolve_pad_token_id(processing_class, head), args.max_length)
+        self._teacher_top_k = metadata.top_k if metadata is not None else None
         args = copy.copy(args)  # the caller's config stays as given (it may build another trainer)
         args.model_init_kwargs = args.teacher_model_init_kwargs = None  # consumed: the base class must not load again
         # the head's forward takes no `labels`, so Trainer would drop that column; tokenized rows have nothing else
         args.remove_unused_columns = False
-        super().__init__(head, target, args, processing_class=processing_class, **kwargs)
+        super().__init__(head, None if self.offline else target, args, processing_class=processing_class, **kwargs)
+        if self.offline:  # no target is placed, and the head holds the embedding by reference: bring it to the head
+            weight = target.get_input_embeddings().weight.detach().to(self.args.device)  # a copy only if elsewhere
+            head.set_input_embeddings(nn.Embedding.from_pretrained(weight, freeze=True))
         if self._fresh_vocabulary:
             self._choose_draft_vocabulary(head, target)
 
-    def _head(self, model, target, args: Eagle3TrainingConfig) -> Eagle3DraftModel:
+    # ----- construction -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _given_datasets(kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = {"train_dataset": kwargs.get("train_dataset")}
+        eval_dataset = kwargs.get("eval_dataset")
+        if isinstance(eval_dataset, dict):
+            given.update({f"eval_dataset[{name!r}]": dataset for name, dataset in eval_dataset.items()})
+        else:
+            given["eval_dataset"] = eval_dataset
+        return {name: dataset for name, dataset in given.items() if dataset is not None}
+
+    @staticmethod
+    def _is_offline(datasets: dict[str, Any]) -> bool:
+        stored = {name: is_offline_teacher(getattr(dataset, "column_names", None)) for name, dataset in datasets.items()}
+        if len(set(stored.values())) > 1:
+            raise ValueError(f"Offline teacher datasets {[n for n, s in stored.items() if s]} and plain ones "
+                             f"{[n for n, s in stored.items() if not s]}: a trainer either runs its target or reads "
+                             "its stored outputs. recipes/offline_teacher.py writes train/ and eval/ splits.")
+        return any(stored.values())
+
+    def _offline_target(self, teacher_model, teacher_metadata, target_config, target_embedding,
+                        args: Eagle3TrainingConfig) -> tuple[TeacherMetadata | None, TargetParts]:
+        """The stored teacher's metadata and what the head needs of the target (see the class docstring)."""
+        folder = None
+        if isinstance(teacher_metadata, (str, os.PathLike)):
+            folder, teacher_metadata = teacher_metadata, TeacherMetadata.load(teacher_metadata)
+        if teacher_model is not None:
+            if target_config is not None or target_embedding is not None:
+                raise ValueError("Give the target's config and embedding once: `teacher_model=` or "
+                                 "`target_config=` / `target_embedding=`, not both.")
+            parts = TargetParts.from_model(load_causal_lm(teacher_model, args.teacher_model_init_kwargs,
+                                                          "teacher_model"))
+        elif target_config is None and target_embedding is None and folder and teacher_metadata.target_parts:
+            parts = TargetParts.load(os.path.join(folder, teacher_metadata.target_parts))
+        else:
+            parts = TargetParts.of(target_config, target_embedding)
+        if parts.embedding is None:
+            raise ValueError(
+                "Training from an offline teacher still needs the target's input embedding: the head reads tokens "
+                "through it, and a head checkpoint does not hold it. Pass `target_embedding=` (an nn.Embedding, its "
+                "weight, or a .safetensors file of it), `teacher_model=` (the target: used for its config and "
+                "embedding only, never run) or `teacher_metadata=` the folder recipes/offline_teacher.py wrote.")
+        return teacher_metadata, parts
+
+    def _head(self, model, target, args: Eagle3TrainingConfig, metadata: TeacherMetadata | None) -> Eagle3DraftModel:
         self._fresh_vocabulary = False
         if model is None:
+            if target.config is None:
+                raise ValueError("A fresh head is shaped after its target: pass `target_config=` (its config, or a "
+                                 "folder / config.json), `teacher_model=` (the target, never run) or "
+                                 "`teacher_metadata=` the folder recipes/offline_teacher.py wrote; or a head as "
+                                 "`model=`.")
             set_seed(args.seed)  # the Trainer seeds itself later; a head built here must be reproducible too
             vocab_size = target.config.get_text_config().vocab_size
             size = args.draft_vocab_size or vocab_size
@@ -245,8 +425,12 @@ class Eagle3Trainer(BaseDrafterTrainer):
             # the vocabulary is counted on the tokenized training set, which the base class builds: the head gets
             # its final size now and its ids once the data is there
             placeholder = torch.arange(size) if self._fresh_vocabulary else None
-            return Eagle3DraftModel.from_target(target.config, draft_vocab=placeholder,
-                                                aux_hidden_state_layer_ids=args.aux_hidden_state_layer_ids)
+            layers = args.aux_hidden_state_layer_ids or (metadata.state_layers if metadata is not None else None)
+            head = Eagle3DraftModel.from_target(target.config, draft_vocab=placeholder,
+                                                aux_hidden_state_layer_ids=layers)
+            if metadata is not None and metadata.teacher:
+                head.config.verifier_name_or_path = metadata.teacher  # the config came from a copy of the target's
+            return head
         if isinstance(model, str):
             model = Eagle3DraftModel.from_pretrained(model, **(args.model_init_kwargs or {}))
         elif args.model_init_kwargs:
@@ -269,7 +453,46 @@ class Eagle3Trainer(BaseDrafterTrainer):
         if not config.aux_hidden_state_layer_ids:
             raise ValueError("The head does not say which target states it reads: set "
                              "`head.config.aux_hidden_state_layer_ids`.")
-        check_layer_ids(config.aux_hidden_state_layer_ids, target.config.get_text_config().num_hidden_layers)
+        if target.config is not None:  # an offline teacher may give the embedding alone
+            check_layer_ids(config.aux_hidden_state_layer_ids, target.config.get_text_config().num_hidden_layers)
+
+    @staticmethod
+    def _check_stored_states(head: Eagle3DraftModel, metadata: TeacherMetadata | None, args: Eagle3TrainingConfig,
+                             datasets: dict[str, Any]) -> None:
+        """The stored teacher is the one this head reads: its layers, vocabulary and temperature (when the metadata
+        says) and the width of its states."""
+        layers, hidden = head.config.aux_hidden_state_layer_ids, head.config.target_hidden_size
+        if metadata is not None:
+            if metadata.state_layers != layers:
+                raise ValueError(
+                    f"The teacher dataset stores the target's hidden_states {metadata.state_layers}, but the head "
+                    f"reads {layers}. Store the head's (recipes/offline_teacher.py --state_layers "
+                    f"{' '.join(map(str, layers))}), or train a fresh head, which reads the stored ones.")
+            if metadata.vocab_size != head.config.vocab_size:
+                raise ValueError(f"The teacher dataset was stored from a target with {metadata.vocab_size} tokens, "
+                                 f"but the head's has {head.config.vocab_size}: another target.")
+            if metadata.temperature != args.temperature:
+                raise ValueError(f"The teacher's distributions are stored at temperature {metadata.temperature}; set "
+                                 f"args.temperature to it (it is {args.temperature}).")
+        for name, dataset in datasets.items():
+            if STATES_COLUMN not in dataset.column_names:
+                raise ValueError(f"{name} holds no `{STATES_COLUMN}`, the target states an EAGLE-3 head reads: store "
+                                 f"them (recipes/offline_teacher.py --state_layers {' '.join(map(str, layers))}).")
+            first = next(iter(dataset.select_columns([STATES_COLUMN])), None)
+            width = np.asarray(first[STATES_COLUMN]).shape[-1] if first is not None else len(layers) * hidden
+            if width != len(layers) * hidden:
+                raise ValueError(f"{name} stores target states {width} wide per token, but the head reads "
+                                 f"{len(layers)} states of its target's hidden size {hidden} ({len(layers) * hidden}):"
+                                 " they were stored from other layers or another target.")
+
+    def _tokenize(self, dataset, tokenizer, args: Eagle3TrainingConfig):
+        if dataset is None or not is_offline_teacher(getattr(dataset, "column_names", None)):
+            return super()._tokenize(dataset, tokenizer, args)
+        # stored rows are tokenized already, and rewriting them would copy every stored state: rows with nothing to
+        # train are dropped through an index over `labels`, rows are cut by the collator, and read as arrays
+        trained = dataset.filter(lambda labels: has_trained_token({"labels": labels}), input_columns="labels",
+                                 num_proc=args.dataset_num_proc, desc="Dropping rows with no trained token")
+        return trained.with_format("numpy")
 
     def _choose_draft_vocabulary(self, head: Eagle3DraftModel, target) -> None:
         if self.train_dataset is None:
@@ -280,6 +503,16 @@ class Eagle3Trainer(BaseDrafterTrainer):
         head.set_draft_vocabulary(vocabulary.to(head.d2t.device))
 
     # ----- loss -----------------------------------------------------------------------------------------------------
+
+    def teacher_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
+        """The head's features `[B, T, n, H_t]` or `[B, T, n·H_t]` and its teacher: the stored states and sparse
+        distribution of an offline teacher dataset, or one forward of the target."""
+        if self.offline:
+            teacher = StoredTeacher(inputs["teacher_top_ids"], inputs["teacher_top_logprobs"],
+                                    inputs["teacher_tail_logprob"], self.args.temperature)
+            return inputs[STATES_COLUMN], teacher
+        logits, features = self.target_outputs(inputs, head)
+        return features, TargetTeacher(logits)
 
     @torch.no_grad()
     def target_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
@@ -296,13 +529,13 @@ class Eagle3Trainer(BaseDrafterTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = self.accelerator.unwrap_model(model)
-        target_logits, features = self.target_outputs(inputs, head)
+        features, teacher = self.teacher_outputs(inputs, head)
         unroll = functools.partial(ttt_unroll, head, ttt_steps=self.args.ttt_steps, pad_token_id=self.pad_token_id)
         # inside the wrapper's forward: DDP then reduces the gradients of every step's forward once
         step_logits = call_inside_forward(model, head, unroll, input_ids=inputs["input_ids"],
                                           attention_mask=inputs["attention_mask"], features=features)
         roots = chain_roots(inputs["attention_mask"])
-        per_token = torch.cat([self.args.ttt_decay**step * self.step_divergence(head, step, logits, target_logits,
+        per_token = torch.cat([self.args.ttt_decay**step * self.step_divergence(head, step, logits, teacher,
                                                                                  inputs["labels"], roots)
                                for step, logits in enumerate(step_logits)])
         scale = self.loss_scale()
@@ -313,26 +546,25 @@ class Eagle3Trainer(BaseDrafterTrainer):
             loss = loss + 0.0 * sum(logits.sum() for logits in step_logits)
         return (loss, step_logits) if return_outputs else loss
 
-    def step_divergence(self, head: Eagle3DraftModel, step: int, logits: torch.Tensor, target_logits: torch.Tensor,
-                        labels: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
-        """The divergence of every trained row of TTT step `step` from the target's distribution over the draft
+    def step_divergence(self, head: Eagle3DraftModel, step: int, logits: torch.Tensor,
+                        teacher: TargetTeacher | StoredTeacher, labels: torch.Tensor,
+                        roots: torch.Tensor) -> torch.Tensor:
+        """The divergence of every trained row of TTT step `step` from the teacher's distribution over the draft
         vocabulary. Records the step's greedy accuracy `acc_<step>` and, for the first draft token, the expected
-        acceptance Σ min(p, q) of speculative sampling at temperature 1 (a target token outside the draft vocabulary
-        counts as a miss in both: the head can never propose it)."""
+        acceptance Σ min(p, q) of speculative sampling (a target token outside the draft vocabulary counts as a miss
+        in both: the head can never propose it)."""
         rows = step_targets(labels, roots, step)
-        predicted = slice(1 + step, 1 + step + rows.shape[1])  # the target positions whose next token rows draft
-        wanted = target_logits[:, predicted].argmax(-1)
+        teacher = teacher.at((slice(None), slice(1 + step, 1 + step + rows.shape[1])))  # the positions rows draft for
+        wanted = teacher.argmax()
         trained = rows & head.t2d[wanted]
         draft = logits[:, : rows.shape[1]]
-        teacher = target_logits[:, predicted][..., head.draft_to_target]
         if rows.any():
             drafted = head.draft_to_target[draft.detach().argmax(-1)]
             self.record_metric(f"acc_{step}", (drafted == wanted)[rows].float())
             if step == 0:
                 self.record_metric("draft_vocab_coverage", trained[rows].float())
-                q = head.logits_in_target_vocabulary(draft.detach()[rows])
-                self.record_metric("expected_acceptance", expected_acceptance(q, target_logits[:, predicted][rows]))
-        return self.divergence_fn(draft[trained], teacher[trained], self.args.temperature)
+                self.record_metric("expected_acceptance", teacher.at(rows).acceptance(head, draft.detach()[rows]))
+        return teacher.at(trained).divergence(self.divergence_fn, head, draft[trained], self.args.temperature)
 
     # ----- saving -----------------------------------------------------------------------------------------------------
 
@@ -344,6 +576,8 @@ class Eagle3Trainer(BaseDrafterTrainer):
             "TTT steps": f"{self.args.ttt_steps} (step i weighted {self.args.ttt_decay:g}^i)",
             "draft vocabulary": f"{config.draft_vocab_size} of {config.vocab_size} tokens",
             "target hidden states": config.aux_hidden_state_layer_ids,
+            "teacher": (f"stored (offline teacher dataset, top-{self._teacher_top_k or 'k'} log-probabilities + tail)"
+                        if self.offline else "the live target"),
         }
 
     def write_model_card(self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None):

@@ -1,6 +1,8 @@
 """Eagle3Trainer: the TTT unroll computes exactly what drafting computes, training raises the acceptance of real
 speculative decoding, the target's embedding stays shared and frozen, the update does not depend on how the batch
-is split (accumulation, processes), the draft vocabulary, the config and its errors.
+is split (accumulation, processes), the draft vocabulary, the config and its errors. From an offline teacher
+dataset: with every id kept, the same loss, metrics and update as the live target; with few kept, training still
+raises real acceptance with no target anywhere; the recipe runs from a recipes/offline_teacher.py folder.
 
 Run as a script under torchrun (`test_two_processes_give_the_single_process_update` does that), it trains one SGD
 step on two processes and writes the result."""
@@ -20,7 +22,9 @@ from transformers import DynamicCache, TrainingArguments
 
 from hf_specdec.eagle3 import Eagle3DraftModel
 from trainers import BaseDrafterConfig, Eagle3Trainer, Eagle3TrainingConfig
+from trainers.data import tokenize_dataset
 from trainers.eagle3 import build_draft_vocabulary, generation_special_ids, ttt_attention_mask, ttt_unroll
+from trainers.offline import TeacherMetadata, precompute_teacher
 from trainers.tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -242,6 +246,142 @@ def test_recipe_trains_a_head_offline_and_reports_acceptance_per_step(tmp_path):
     assert set(results) == {"head before", "head after"}
     assert all(0 <= r["expected_acceptance"] <= 1 and {"acc_0", "acc_1"} <= set(r) for r in results.values())
     assert Eagle3DraftModel.from_pretrained(tmp_path).config.draft_vocab_size == 24
+
+
+# ----- offline teachers -------------------------------------------------------------------------------------------
+
+
+class AsStoredTrainer(Eagle3Trainer):
+    """The live target's path, fed what a teacher dataset stores: bf16 states and bf16 log-probabilities."""
+
+    def target_outputs(self, inputs, head):
+        logits, features = super().target_outputs(inputs, head)
+        return as_bf16(logits.float().log_softmax(-1)), as_bf16(features)
+
+
+def as_bf16(values):
+    return values.to(torch.bfloat16).float()
+
+
+def stored_teacher(target, rows, top_k: int, state_layers=LAYERS):
+    return precompute_teacher(target, rows, top_k=top_k, state_layers=state_layers, progress=False)
+
+
+def test_offline_teacher_keeping_every_id_trains_exactly_as_the_live_target(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = peaked_teacher(tokenizer)
+    rows = tokenize_dataset(corpus_dataset(8, seed=7), tokenizer, 512)
+    settings = {"aux_hidden_state_layer_ids": LAYERS, "draft_vocab_size": 24, "ttt_steps": 3,
+                "per_device_train_batch_size": 8}
+    online = AsStoredTrainer(teacher_model=target, args=sgd_args(Eagle3TrainingConfig, tmp_path / "on", **settings),
+                             train_dataset=rows, processing_class=tokenizer)
+    offline = Eagle3Trainer(target_config=target.config, target_embedding=target.get_input_embeddings().weight,
+                            args=sgd_args(Eagle3TrainingConfig, tmp_path / "off", **settings),
+                            train_dataset=stored_teacher(target, rows, top_k=32), processing_class=tokenizer)
+    assert offline.teacher_model is None
+    start = flat_weights(offline)
+    assert torch.equal(start, flat_weights(online))
+    online.train()
+    offline.train()
+    heads = [trainer.accelerator.unwrap_model(trainer.model) for trainer in (online, offline)]
+    assert torch.equal(heads[0].d2t, heads[1].d2t)  # the draft vocabulary, counted on the same labels
+    logged = [next(entry for entry in trainer.state.log_history if "loss" in entry) for trainer in (online, offline)]
+    assert logged[0].keys() == logged[1].keys() and logged[0]["draft_vocab_coverage"] < 1  # rows were skipped
+    for key in ("loss", "acc_0", "acc_1", "acc_2", "draft_vocab_coverage", "expected_acceptance"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-6), key
+    gradient = start - flat_weights(online)  # one SGD step at lr 1: the update is minus the gradient
+    assert gradient.abs().max() > 1e-2
+    torch.testing.assert_close(start - flat_weights(offline), gradient, atol=1e-6, rtol=1e-4)
+
+
+def test_offline_teacher_with_few_kept_ids_trains_a_head_with_no_target(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = peaked_teacher(tokenizer)
+    stored = stored_teacher(target, target_text(), top_k=4)  # 4 of 32 ids, the rest one tail bucket
+    trainer = Eagle3Trainer(target_embedding=target.get_input_embeddings(), target_config=target.config,
+                            args=fast_args(Eagle3TrainingConfig, tmp_path, aux_hidden_state_layer_ids=LAYERS,
+                                           draft_vocab_size=24, ttt_steps=3, max_steps=60, learning_rate=2e-2,
+                                           per_device_train_batch_size=8, logging_steps=10),
+                            train_dataset=stored, eval_dataset=stored.select(range(16)), processing_class=tokenizer)
+    head = trainer.accelerator.unwrap_model(trainer.model)
+    embedding = target.get_input_embeddings()
+    before, start = greedy_acceptance(target, head, tokenizer), embedding.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(head.get_input_embeddings().weight, start) and torch.equal(embedding.weight, start)  # frozen
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1]["loss"] < 0.6 * logged[0]["loss"] and logged[-1]["acc_0"] > logged[0]["acc_0"] + 0.2
+    assert logged[-1]["expected_acceptance"] > logged[0]["expected_acceptance"]
+    assert greedy_acceptance(target, head, tokenizer) > before + 0.1  # real drafting for the target improved
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_acc_2"] <= 1
+    trainer.save_model()
+    assert Eagle3DraftModel.from_pretrained(trainer.args.output_dir).config.draft_length == 3
+
+
+def test_offline_teacher_errors(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = peaked_teacher(tokenizer)
+    rows = tokenize_dataset(corpus_dataset(2), tokenizer, 512)
+    stored = stored_teacher(target, rows, top_k=4)
+    embedding = target.get_input_embeddings()
+    args = fast_args(Eagle3TrainingConfig, tmp_path, aux_hidden_state_layer_ids=LAYERS)
+
+    def build(train_dataset=stored, **kwargs):
+        return Eagle3Trainer(args=args, train_dataset=train_dataset, processing_class=tokenizer, **kwargs)
+
+    metadata = TeacherMetadata(teacher=None, top_k=4, temperature=1.0, state_layers=LAYERS, vocab_size=32)
+    assert build(target_config=target.config, target_embedding=embedding, teacher_metadata=metadata).offline
+    with pytest.raises(ValueError, match=r"stores the target's hidden_states \[0, 2\], but the head reads \[1, 2\]"):
+        build(target_config=target.config, target_embedding=embedding,
+              teacher_metadata=dataclasses.replace(metadata, state_layers=[0, 2]))
+    with pytest.raises(ValueError, match="stored at temperature 2.0"):
+        build(target_config=target.config, target_embedding=embedding,
+              teacher_metadata=dataclasses.replace(metadata, temperature=2.0))
+    with pytest.raises(ValueError, match=r"stores target states 32 wide per token, but the head reads 2 states .* \(64\)"):
+        build(train_dataset=stored_teacher(target, rows, top_k=4, state_layers=[2]), target_config=target.config,
+              target_embedding=embedding)
+    with pytest.raises(ValueError, match="holds no `teacher_states`"):
+        build(train_dataset=stored_teacher(target, rows, top_k=4, state_layers=None), target_config=target.config,
+              target_embedding=embedding)
+    with pytest.raises(ValueError, match="needs the target's input embedding"):
+        build(target_config=target.config)
+    with pytest.raises(ValueError, match="A fresh head is shaped after its target"):
+        build(target_embedding=embedding)
+    with pytest.raises(ValueError, match="either runs its target or reads its stored outputs"):
+        build(teacher_model=target, eval_dataset=rows)
+    with pytest.raises(ValueError, match="for training from an offline teacher dataset"):
+        build(train_dataset=rows, teacher_model=target, target_embedding=embedding)
+    head = Eagle3DraftModel.from_target(target.config, aux_hidden_state_layer_ids=LAYERS)
+    with pytest.raises(ValueError, match="needs the target's input embedding"):
+        build(model=head)
+    trainer = build(model=head, target_embedding=embedding.weight)  # a given head needs the embedding only
+    trainer.train()
+    assert trainer.accelerator.unwrap_model(trainer.model).config.draft_length == args.ttt_steps
+
+
+def test_recipe_trains_a_head_from_an_offline_teacher_folder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(HERE.parents[1] / "recipes"))
+    import eagle3
+    import offline_teacher
+    import transformers
+
+    offline_teacher.main(["--tiny", "true", "--tiny_train_rows", "32", "--tiny_eval_rows", "16",
+                          "--tiny_target_steps", "3", "--output_dir", str(tmp_path / "teacher"), "--top_k", "8",
+                          "--state_layers", "1", "2", "3"])
+
+    def no_target(*args, **kwargs):
+        raise AssertionError("an offline teacher loads no target")
+
+    monkeypatch.setattr(eagle3, "tiny_models", no_target)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_target)
+    eagle3.main(["--config", str(HERE.parents[1] / "recipes" / "configs" / "eagle3.yaml"), "--offline_teacher",
+                 str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "head"), "--max_steps", "2",
+                 "--per_device_train_batch_size", "8", "--ttt_steps", "2"])
+    results = json.loads((tmp_path / "head" / "results.json").read_text())
+    assert all(0 <= r["expected_acceptance"] <= 1 and {"acc_0", "acc_1"} <= set(r) for r in results.values())
+    config = Eagle3DraftModel.from_pretrained(tmp_path / "head").config
+    assert config.aux_hidden_state_layer_ids == [1, 2, 3] and config.draft_vocab_size == 24
+    assert config.draft_length == 2 and config.verifier_name_or_path == str(tmp_path / "teacher" / "tiny-target")
 
 
 # ----- the draft vocabulary -------------------------------------------------------------------------------------
