@@ -2,10 +2,13 @@
 
 Accepted row formats (the first that matches the dataset's columns wins):
 
-- `input_ids` (+ optional `labels`): already tokenized; without `labels` every token is trained.
-- `messages`: a chat; everything before the last message is the prompt (rendered with the generation prompt), the
-  last message is the completion.
-- `prompt` + `completion`: text; only the completion (plus EOS) is trained.
+- `input_ids` (+ optional `labels` or `completion_mask`): already tokenized; `completion_mask` (TRL's name: 1 =
+  trained) marks the trained tokens when there are no `labels`; with neither, every token is trained.
+- `messages`: a chat rendered with the tokenizer's chat template; every assistant turn is trained (assistant-only
+  loss, as TRL's `assistant_only_loss`), everything else (system, user, tool turns, the template's markup before
+  each assistant turn) is not.
+- `prompt` + `completion`: text, or conversations (lists of messages, TRL's conversational prompt-completion
+  format, rendered with the chat template); only the completion (plus EOS for text) is trained.
 - `text`: plain text; every token (plus EOS) is trained.
 
 `labels` use -100 for tokens that are not trained (prompt, padding). The prompt of a row is everything before its
@@ -53,41 +56,67 @@ def _tokenize_prompt_completion(tokenizer, prompt: str, completion: str) -> tupl
     return prompt_ids, completion_ids
 
 
-def _tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokenize_messages(tokenizer, messages: list[dict[str, str]],
+                       trained_from: int = 0) -> tuple[list[int], list[int]]:
+    """`(input_ids, labels)` of a chat: the text of every assistant turn at index >= `trained_from` is trained.
+    The conversation is rendered whole and cut where each assistant turn starts and ends (the renderings of its
+    prefixes), so the template's own markup and special tokens stay as it writes them."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("A `messages` dataset needs a tokenizer with a chat template (`tokenizer.chat_template`).")
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError(
-            "The chat template renders the conversation without its last message as something that is not a "
-            "prefix of the whole conversation, so the completion cannot be located. Give `prompt`/`completion` "
-            "columns instead."
-        )
-    # The template writes the special tokens itself.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    return prompt_ids, completion_ids
+        raise ValueError("A conversational dataset needs a tokenizer with a chat template (`tokenizer.chat_template`).")
+    full_text = _render(tokenizer, messages)
+    input_ids, labels, done = [], [], 0
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant" or index < trained_from:
+            continue
+        start, end = _render(tokenizer, messages[:index], True), _render(tokenizer, messages[: index + 1])
+        if not (full_text.startswith(start) and full_text.startswith(end) and len(start) >= done):
+            raise ValueError(
+                "The chat template does not render the conversation's beginnings as prefixes of the whole, so its "
+                "assistant turns cannot be located. Give `prompt`/`completion` columns instead."
+            )
+        before = tokenizer(full_text[done : len(start)], add_special_tokens=False)["input_ids"]
+        turn = tokenizer(full_text[len(start) : len(end)], add_special_tokens=False)["input_ids"]
+        input_ids += before + turn
+        labels += [IGNORE_INDEX] * len(before) + turn
+        done = len(end)
+    rest = tokenizer(full_text[done:], add_special_tokens=False)["input_ids"]
+    return input_ids + rest, labels + [IGNORE_INDEX] * len(rest)
 
 
 def tokenize_row(row: dict[str, Any], row_format: str, tokenizer, max_length: int) -> dict[str, list[int]]:
     """One dataset row → `{"input_ids", "labels"}`, truncated to the first `max_length` tokens."""
     if row_format == "input_ids":
         input_ids = list(row["input_ids"])
-        labels = list(row["labels"]) if row.get("labels") is not None else list(input_ids)
+        if row.get("labels") is not None:
+            labels = list(row["labels"])
+        elif row.get("completion_mask") is not None:
+            labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, row["completion_mask"])]
+            if len(row["completion_mask"]) != len(input_ids):
+                raise ValueError(f"`completion_mask` has {len(row['completion_mask'])} entries but `input_ids` has "
+                                 f"{len(input_ids)}.")
+        else:
+            labels = list(input_ids)
         if len(labels) != len(input_ids):
             raise ValueError(f"`labels` has {len(labels)} entries but `input_ids` has {len(input_ids)}.")
     else:
         if tokenizer is None:
             raise ValueError(f"A {row_format!r} dataset must be tokenized: pass `processing_class=<tokenizer>`.")
         if row_format == "messages":
-            prompt_ids, completion_ids = _tokenize_messages(tokenizer, row["messages"])
-        elif row_format == "prompt+completion":
-            prompt_ids, completion_ids = _tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+            input_ids, labels = _tokenize_messages(tokenizer, row["messages"])
+        elif row_format == "prompt+completion" and isinstance(row["prompt"], list):  # conversational
+            input_ids, labels = _tokenize_messages(tokenizer, row["prompt"] + row["completion"],
+                                                   trained_from=len(row["prompt"]))
         else:
-            prompt_ids, completion_ids = [], tokenizer(row["text"])["input_ids"] + _eos_ids(tokenizer)
-        input_ids = prompt_ids + completion_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+            if row_format == "prompt+completion":
+                prompt_ids, completion_ids = _tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+            else:
+                prompt_ids, completion_ids = [], tokenizer(row["text"])["input_ids"] + _eos_ids(tokenizer)
+            input_ids = prompt_ids + completion_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 

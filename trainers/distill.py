@@ -10,6 +10,7 @@ trained tokens in the optimizer step (recounted after generation).
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,6 +157,13 @@ class DistillTrainer(BaseDrafterTrainer):
         for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
             length = int(mask.sum())
             prompts.append(ids[: prompt_length(labels[:length])].tolist())
+        if any(len(prompt) <= 1 for prompt in prompts) and not getattr(self, "_warned_promptless", False):
+            self._warned_promptless = True
+            warnings.warn("On-policy generation continues each row from its prompt (the tokens before its first "
+                          "trained label), but some rows have none (plain `text` or fully trained `input_ids` rows): "
+                          "the drafter generates them from their first token, unconditioned. Give prompt/completion "
+                          "or `messages` rows (or `labels` / `completion_mask`) to keep on-policy data in context, "
+                          "or set lmbda=0.", stacklevel=2)
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends at the same column, where generation continues.
         prompt_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)

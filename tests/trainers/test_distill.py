@@ -45,11 +45,37 @@ def test_prompt_completion_rows_train_only_the_completion(tokenizer):
     assert row["labels"][len(prompt_ids) :] == row["input_ids"][len(prompt_ids) :]
 
 
-def test_chat_rows_train_only_the_last_message(tokenizer):
+def test_chat_rows_train_the_assistant_message(tokenizer):
     messages = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]
     row = tokenize_row({"messages": messages}, "messages", tokenizer, max_length=64)
     trained = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "cd</s>"
+
+
+def test_multi_turn_chats_train_every_assistant_turn(tokenizer):
+    messages = [{"role": "system", "content": "be"}, {"role": "user", "content": "ab"},
+                {"role": "assistant", "content": "cd"}, {"role": "user", "content": "ef"},
+                {"role": "assistant", "content": "gh"}]
+    row = tokenize_row({"messages": messages}, "messages", tokenizer, max_length=128)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(row["input_ids"]) == full  # the template's own text, cut but not changed
+    trained = [t if label != IGNORE_INDEX else None for t, label in zip(row["input_ids"], row["labels"])]
+    spans = "".join(tokenizer.decode([t]) if t is not None else "|" for t in trained).split("|")
+    assert [span for span in spans if span] == ["cd</s>", "gh</s>"]  # both assistant turns, nothing else
+
+
+def test_conversational_prompt_completion_trains_the_completion(tokenizer):
+    prompt = [{"role": "user", "content": "ab"}]
+    completion = [{"role": "assistant", "content": "cd"}]
+    row = tokenize_row({"prompt": prompt, "completion": completion}, "prompt+completion", tokenizer, max_length=64)
+    as_chat = tokenize_row({"messages": prompt + completion}, "messages", tokenizer, max_length=64)
+    assert row == as_chat
+    assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "cd</s>"
+
+
+def test_a_completion_mask_marks_the_trained_tokens():
+    row = tokenize_row({"input_ids": [1, 5, 6, 7], "completion_mask": [0, 0, 1, 1]}, "input_ids", None, 64)
+    assert row == {"input_ids": [1, 5, 6, 7], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 7]}
 
 
 def test_text_and_pretokenized_rows_train_every_token(tokenizer):
@@ -169,6 +195,17 @@ def test_on_policy_batches_keep_prompts_and_recount_the_normaliser(tokenizer, tm
         assert 1 <= int((generated["labels"][row] != IGNORE_INDEX).sum()) <= 5
     assert num_items == int((generated["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert num_items != int((original["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_on_policy_generation_warns_when_rows_have_no_prompt(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    trainer = DistillTrainer(
+        model=tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer), teacher_model=peaked_teacher(tokenizer),
+        args=fast_args(DistillConfig, tmp_path, lmbda=1.0, max_new_tokens=3),
+        train_dataset=Dataset.from_list([{"text": "ab cd"}, {"text": "ef gh"}]), processing_class=tokenizer)
+    with pytest.warns(UserWarning, match="some rows have none"):
+        trainer.get_batch_samples(iter([first_batch(trainer)]), 1, trainer.args.device)
 
 
 def test_seq_kd_uses_teacher_generations(tokenizer, tmp_path):
