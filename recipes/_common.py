@@ -21,7 +21,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from trainers.data import DraftDataCollator, tokenize_dataset
 from trainers.losses import expected_acceptance, shared_vocab, supervised_positions, top1_agreement
-from trainers.tiny import tiny_corpus, tiny_llama, tiny_tokenizer
+from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RecipeArguments:
         default=False,
         metadata={
             "help": "Build everything offline: a character tokenizer, a synthetic language written to local JSONL "
-            "files, a small target trained on it and a random draft (see trainers/tiny.py)."
+            "files, a small target trained on it and a random draft (see recipes/tiny.py)."
         },
     )
     target_model: str | None = field(default=None, metadata={"help": "Hub name or path of the target (teacher)."})

@@ -54,7 +54,7 @@ def soft_pair(soft_dir: str, num_prompts: int):
     """The tiny world's target, the SoFT-trained sorted draft and held-out prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.tiny import tiny_corpus
+    from tiny import tiny_corpus
 
     if not (Path(soft_dir) / "config.json").exists():
         import soft

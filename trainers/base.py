@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .data import DraftDataCollator, tokenize_dataset
+from .data import MODEL_INPUT_KEYS, DraftDataCollator, prepare_dataset
 from .losses import DIVERGENCES, IGNORE_INDEX, get_divergence, supervised_positions
 
 logger = logging.get_logger(__name__)
@@ -70,6 +70,21 @@ class BaseDrafterConfig(TrainingArguments):
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize the datasets (None: the main process only)."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack tokenized rows into rows of up to `max_length` tokens (no row is split); position ids "
+            "restart at every original row and attention never crosses rows, so the loss equals the unpacked one. "
+            "Implies `padding_free`. Off-policy data only (on-policy generation needs one prompt per row)."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Collate each micro-batch as one row without padding (position ids restart at every original "
+            "row; attention never crosses rows): no compute is spent on padding tokens."
+        },
     )
 
     def __post_init__(self):
@@ -194,6 +209,7 @@ class BaseDrafterTrainer(Trainer):
     loss_is_scaled_for_ga = True
     config_class = BaseDrafterConfig
     requires_teacher = False
+    supports_packing = True  # False where a trainer needs one sequence per row (see `BaseDrafterConfig.packing`)
     _tag_names: tuple[str, ...] = ("hf-specdec", "speculative-decoding", "draft-model")
     _name = "Drafter"
     _paper: ClassVar[dict[str, str] | None] = None  # {"title", "arxiv"} for the model card
@@ -241,8 +257,13 @@ class BaseDrafterTrainer(Trainer):
             disable_dropout(model)
 
         self.pad_token_id = self._resolve_pad_token_id(processing_class, model)
+        if (args.packing or args.padding_free) and not self.supports_packing:
+            raise ValueError(
+                f"{type(self).__name__} does not train on packed or padding-free batches (its per-row features "
+                "need one row per sequence): set packing=False and padding_free=False."
+            )
         if data_collator is None:
-            data_collator = DraftDataCollator(self.pad_token_id)
+            data_collator = DraftDataCollator(self.pad_token_id, padding_free=args.packing or args.padding_free)
         with args.main_process_first(desc="tokenizing datasets"):
             train_dataset = self._tokenize(train_dataset, processing_class, args)
             if isinstance(eval_dataset, dict):
@@ -309,7 +330,8 @@ class BaseDrafterTrainer(Trainer):
     def _tokenize(dataset, tokenizer, args: BaseDrafterConfig):
         if dataset is None:
             return None
-        return tokenize_dataset(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
+        return prepare_dataset(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc,
+                               packing=args.packing)
 
     def prepare_frozen_model(self, model: nn.Module) -> nn.Module:
         """Place a frozen model (teacher, reference) for the current backend: sharded under ZeRO-3 and FSDP, a
@@ -327,6 +349,12 @@ class BaseDrafterTrainer(Trainer):
         return self.accelerator.prepare_model(model, evaluation_mode=True)
 
     # ----- forward helpers ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a model's forward reads of a batch: `input_ids`, and `attention_mask` / `position_ids` when the
+        batch has them (a padding-free batch has position ids that restart per row and no attention mask)."""
+        return {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
 
     @torch.no_grad()
     def frozen_logits(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

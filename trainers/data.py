@@ -26,6 +26,7 @@ import torch
 from .losses import IGNORE_INDEX
 
 ROW_FORMATS = ("input_ids", "messages", "prompt+completion", "text")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")  # what a batch hands a model's forward
 
 
 def detect_row_format(column_names: Sequence[str]) -> str:
@@ -140,6 +141,14 @@ def tokenize_dataset(dataset, tokenizer, max_length: int, num_proc: int | None =
     return tokenized.filter(has_trained_token, num_proc=num_proc, desc="Dropping rows with no trained token")
 
 
+def prepare_dataset(dataset, tokenizer, max_length: int, num_proc: int | None = None, packing: bool = False):
+    """`tokenize_dataset`, then (with `packing`) rows packed into rows of up to `max_length` tokens."""
+    tokenized = tokenize_dataset(dataset, tokenizer, max_length, num_proc=num_proc)
+    if packing:
+        raise NotImplementedError("packing: being written")
+    return tokenized
+
+
 def prompt_length(labels: torch.Tensor) -> int:
     """Tokens before the first trained label of one row (at least 1, so generation always has a prefix)."""
     trained = (labels != IGNORE_INDEX).nonzero()
@@ -168,7 +177,10 @@ class DraftDataCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            raise NotImplementedError("padding_free: being written")
         rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
         return pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)

@@ -308,6 +308,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
 
     config_class = Eagle3TrainingConfig
     requires_teacher = False  # checked here: a target to run, or an offline teacher dataset
+    supports_packing = False  # the training-time-test unroll builds its chains row by row
     _tag_names = (*BaseDrafterTrainer._tag_names, "eagle3")
     _name = "EAGLE-3"
     _paper: ClassVar[dict[str, str]] = {

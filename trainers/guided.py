@@ -135,6 +135,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
 
     config_class = GuidedDrafterConfig
     requires_teacher = True
+    supports_packing = False  # the guide reads the target state of earlier positions of the same row
     _tag_names = (*BaseDrafterTrainer._tag_names, "guided-drafter", "sd2")
     _name = "SD2-guided"
     _paper: ClassVar[dict[str, str]] = {

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from trainers.tiny import tiny_tokenizer
+# recipes/tiny.py (the offline tokenizer, language and models) is a recipe helper, not part of the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+
+from tiny import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, sgd_ar
 from trainers import AdaSPECConfig, AdaSPECTrainer
 from trainers.adaspec import select_top_fraction
 from trainers.losses import IGNORE_INDEX, forward_kl
-from trainers.tiny import tiny_llama
+from tiny import tiny_llama
 
 
 def make_trainer(tokenizer, args, train_rows=16, ref_model="default"):

@@ -13,7 +13,7 @@ from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainerCallb
 from trainers import DistillConfig, DistillTrainer
 from trainers.data import tokenize_row
 from trainers.losses import IGNORE_INDEX, shared_vocab, total_variation
-from trainers.tiny import tiny_llama
+from tiny import tiny_llama
 
 
 def make_trainer(tokenizer, tmp_path, train_rows=16, eval_rows=8, student=None, teacher=None, **config):

@@ -25,7 +25,7 @@ from trainers import BaseDrafterConfig, Eagle3Trainer, Eagle3TrainingConfig
 from trainers.data import tokenize_dataset
 from trainers.eagle3 import build_draft_vocabulary, generation_special_ids, ttt_attention_mask, ttt_unroll
 from trainers.offline import TeacherMetadata, precompute_teacher
-from trainers.tiny import tiny_corpus, tiny_llama, tiny_tokenizer
+from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
 LAYERS = [1, 2]  # hidden_states of the 2-layer test target that the heads read

@@ -10,7 +10,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, Qwen2Config, Q
 
 from trainers import SoFTConfig, SoFTTrainer, exit_logits, truncate_model
 from trainers.losses import IGNORE_INDEX, forward_kl
-from trainers.tiny import tiny_llama
+from tiny import tiny_llama
 
 
 def tiny_model(arch):

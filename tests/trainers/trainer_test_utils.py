@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from trainers.tiny import tiny_corpus, tiny_llama
+from tiny import tiny_corpus, tiny_llama
 
 
 def corpus_dataset(num_rows: int, seed: int = 0, columns=("prompt", "completion")) -> Dataset:
@@ -58,7 +58,7 @@ def build_sgd_trainer(name: str, tmp_path, batch_size: int, accumulation: int, *
     from pathlib import Path
 
     from trainers import DistillConfig, DistillTrainer, SoFTConfig, SoFTTrainer
-    from trainers.tiny import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     tmp_path = Path(tmp_path)
     tokenizer = tiny_tokenizer()
