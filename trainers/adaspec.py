@@ -148,7 +148,7 @@ class AdaSPECTrainer(DistillTrainer):
         # The draft's weights do not change inside an accumulation window, so ΔL computed here is the ΔL the loss
         # pass would see (exactly so with dropout disabled, the default).
         positions = supervised_positions(batch["labels"])
-        logits = self.model_wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model_wrapped(**self.model_inputs(batch), use_cache=False).logits
         teacher = self.frozen_logits(self.teacher_model, batch)[:, :-1][positions]
         return self.token_delta(batch, positions, logits[:, :-1][positions], teacher)
 

@@ -360,8 +360,7 @@ class BaseDrafterTrainer(Trainer):
     def frozen_logits(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
         # use_cache=False: a training forward never reuses a KV cache, so building one every step only costs memory
-        return frozen_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            use_cache=False).logits
+        return frozen_model(**self.model_inputs(inputs), use_cache=False).logits
 
     @staticmethod
     def trained_targets(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,7 +220,7 @@ class DistillTrainer(BaseDrafterTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions, targets = self.trained_targets(inputs)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        outputs = model(**self.model_inputs(inputs), use_cache=False)
         student_full = outputs.logits[:, :-1][positions]
         teacher_full = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
         student, teacher = shared_vocab(student_full, teacher_full)

@@ -80,11 +80,13 @@ def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def exit_hidden_states(model: nn.Module, input_ids, attention_mask=None, exits=None) -> dict[int, torch.Tensor]:
+def exit_hidden_states(model: nn.Module, input_ids, attention_mask=None, exits=None,
+                       position_ids=None) -> dict[int, torch.Tensor]:
     """Normalised hidden state after `e` layers for each exit (all layers when `exits` is None)."""
     decoder, layers, norm, _ = decoder_parts(model)
     exits = list(exits) if exits is not None else list(range(1, len(layers) + 1))
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, use_cache=False)
     states = outputs.hidden_states  # embeddings, then one entry per layer; the last one already normalised
     return {e: states[e] if e == len(layers) else norm(states[e]) for e in exits}
 
@@ -207,15 +209,13 @@ class SoFTTrainer(BaseDrafterTrainer):
         positions, targets = self.trained_targets(inputs)
         inner = self.accelerator.unwrap_model(model)
 
-        def trained_exit_logits(input_ids, attention_mask):
+        def trained_exit_logits(input_ids, attention_mask=None, position_ids=None):
             # Runs inside the wrapper's forward (FSDP gathers, DDP tracks); only trained positions reach the head.
             with self.accelerator.autocast():
-                hidden = exit_hidden_states(inner, input_ids, attention_mask, self.args.exits)
+                hidden = exit_hidden_states(inner, input_ids, attention_mask, self.args.exits, position_ids)
                 return {e: _head_logits(inner, h[:, :-1][positions]) for e, h in hidden.items()}
 
-        logits = call_inside_forward(
-            model, inner, trained_exit_logits, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
+        logits = call_inside_forward(model, inner, trained_exit_logits, **self.model_inputs(inputs))
         teacher = None
         if self.teacher_model is not None:
             teacher = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
