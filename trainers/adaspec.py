@@ -18,13 +18,15 @@ distillation; set `num_train_epochs` accordingly — the trainer does not change
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from .distill import DistillConfig, DistillTrainer
-from .losses import forward_kl, shared_vocab, supervised_positions
+from .losses import forward_kl, in_backward, supervised_positions
+from .teachers import LiveTeacher, Teacher
 
 THRESHOLD_SCOPES = ("micro_batch", "accumulation_window")
 LOSS_NORMALIZATIONS = ("all_tokens", "selected_tokens")
@@ -119,21 +121,33 @@ class AdaSPECTrainer(DistillTrainer):
         args = self.args
         return args.threshold_scope == "accumulation_window" or args.loss_normalization == "selected_tokens"
 
-    def token_delta(self, inputs, positions, student_logits, teacher_logits) -> torch.Tensor:
+    def frozen_models(self, inputs, positions):
+        frozen = super().frozen_models(inputs, positions)
+        if "adaspec_selected" not in inputs:  # not decided for the whole window in `prepare_window`
+            frozen["ref"] = self.frozen_forward(self.ref_model, inputs, positions)[0]
+        return frozen
+
+    def token_values(self, student, rows, frozen, targets, use_ce):
+        values = super().token_values(student, rows, frozen, targets, use_ce)
+        if "ref" in frozen and not in_backward():
+            values["delta_loss"] = self.token_delta(student, frozen["teacher"].at(rows), frozen["ref"].at(rows))
+        return values
+
+    def token_delta(self, student_logits: torch.Tensor, teacher: Teacher, ref: LiveTeacher) -> torch.Tensor:
         """ΔL per trained token: forward KL of the (detached) draft minus that of the reference."""
-        ref_logits = self.frozen_logits(self.ref_model, inputs)[:, :-1][positions]
-        student, teacher, ref = shared_vocab(student_logits.detach(), teacher_logits, ref_logits)
-        return forward_kl(student, teacher, self.args.temperature) - forward_kl(ref, teacher, self.args.temperature)
+        with torch.no_grad():
+            return (teacher.divergence(forward_kl, student_logits, self.args.temperature)
+                    - teacher.divergence(forward_kl, ref.values(), self.args.temperature))
 
     def _record_selection(self, delta: torch.Tensor, selected: torch.Tensor, mode: str | None = None) -> None:
         if delta.numel():
             self.record_metric("selected_fraction", selected.float(), mode)
             self.record_metric("mean_delta_loss", delta, mode)
 
-    def select_tokens(self, inputs, positions, student_logits, teacher_logits):
+    def select_tokens(self, inputs, positions, values):
         if "adaspec_selected" in inputs:  # decided for the whole window in `prepare_window`
             return inputs["adaspec_selected"][positions]
-        delta = self.token_delta(inputs, positions, student_logits, teacher_logits)
+        delta = values.pop("delta_loss")
         selected = select_top_fraction(delta, self.args.k)
         self._record_selection(delta, selected)
         return selected
@@ -147,10 +161,12 @@ class AdaSPECTrainer(DistillTrainer):
     def _window_delta(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # The draft's weights do not change inside an accumulation window, so ΔL computed here is the ΔL the loss
         # pass would see (exactly so with dropout disabled, the default).
-        positions = supervised_positions(batch["labels"])
-        logits = self.model_wrapped(**self.model_inputs(batch), use_cache=False).logits
-        teacher = self.frozen_logits(self.teacher_model, batch)[:, :-1][positions]
-        return self.token_delta(batch, positions, logits[:, :-1][positions], teacher)
+        positions, targets = self.trained_targets(batch)
+        frozen = {"teacher": self.live_or_stored_teacher(batch, positions)[0],
+                  "ref": self.frozen_forward(self.ref_model, batch, positions)[0]}
+        values = self.student_token_values(self.model_wrapped, batch, positions, functools.partial(
+            self.token_values, frozen=frozen, targets=targets, use_ce=False))
+        return values["delta_loss"]
 
     def prepare_window(self, batches):
         batches = super().prepare_window(batches)  # on-policy / seq_kd regeneration first

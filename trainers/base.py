@@ -7,6 +7,8 @@ their batches change between loading and training (on-policy generation, token f
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -18,8 +20,23 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .data import MODEL_INPUT_KEYS, DraftDataCollator, prepare_dataset
-from .losses import DIVERGENCES, IGNORE_INDEX, get_divergence, supervised_positions
+from .data import MODEL_INPUT_KEYS, DraftDataCollator, has_trained_token, prepare_dataset
+from .losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    chunked_token_values,
+    get_divergence,
+    supervised_positions,
+)
+from .offline import OfflineTeacherCollator, TeacherMetadata, is_offline_teacher
+from .teachers import (
+    LiveTeacher,
+    StoredTeacher,
+    base_model,
+    final_hidden_states,
+    lm_head_logits,
+    verify_lm_head_path,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -71,6 +88,15 @@ class BaseDrafterConfig(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize the datasets (None: the main process only)."}
     )
+    loss_chunk_size: int = field(
+        default=128,
+        metadata={
+            "help": "Tokens per chunk of the loss: the LM heads project hidden states to logits a chunk at a time "
+            "and backward recomputes each chunk, so the loss holds one chunk's [chunk, vocabulary] logits, not the "
+            "whole batch's. Smaller saves memory, larger saves kernel launches; 0 = the whole batch at once (full "
+            "logits, as a plain forward returns them)."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={
@@ -102,10 +128,28 @@ class BaseDrafterConfig(TrainingArguments):
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0: unchunked), got {self.loss_chunk_size}.")
         if self.max_length < 2:
             raise ValueError(
                 f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}."
             )
+
+
+def offline_teacher_datasets(train_dataset, eval_dataset) -> bool:
+    """Whether the datasets are offline teacher datasets (`trainers.offline`); all of them or none."""
+    given = {"train_dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        given.update({f"eval_dataset[{name!r}]": dataset for name, dataset in eval_dataset.items()})
+    else:
+        given["eval_dataset"] = eval_dataset
+    stored = {name: is_offline_teacher(getattr(dataset, "column_names", None))
+              for name, dataset in given.items() if dataset is not None}
+    if len(set(stored.values())) > 1:
+        raise ValueError(f"Offline teacher datasets {[n for n, s in stored.items() if s]} and plain ones "
+                         f"{[n for n, s in stored.items() if not s]}: a trainer either runs its teacher or reads its "
+                         "stored outputs. recipes/offline_teacher.py writes train/ and eval/ splits.")
+    return any(stored.values())
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -209,6 +253,7 @@ class BaseDrafterTrainer(Trainer):
     loss_is_scaled_for_ga = True
     config_class = BaseDrafterConfig
     requires_teacher = False
+    offline_teacher_replaces_model = True  # False where `teacher_model` still gives parts of the target (EAGLE-3)
     supports_packing = True  # False where a trainer needs one sequence per row (see `BaseDrafterConfig.packing`)
     _tag_names: tuple[str, ...] = ("hf-specdec", "speculative-decoding", "draft-model")
     _name = "Drafter"
@@ -226,6 +271,7 @@ class BaseDrafterTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        teacher_metadata: TeacherMetadata | str | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         if args is None:
@@ -243,13 +289,26 @@ class BaseDrafterTrainer(Trainer):
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         model = load_causal_lm(model, args.model_init_kwargs, "model")
-        teacher = self._load_frozen(
+        # An offline teacher dataset (recipes/offline_teacher.py) replaces the teacher: it is never loaded or run.
+        self.offline = offline_teacher_datasets(train_dataset, eval_dataset)
+        if self.offline and teacher_model is not None and type(self).offline_teacher_replaces_model:
+            raise ValueError(
+                "The datasets hold the teacher's stored outputs (an offline teacher dataset), so `teacher_model` would "
+                "never run: drop it (or train on plain rows to run the teacher live)."
+            )
+        if isinstance(teacher_metadata, (str, os.PathLike)):
+            teacher_metadata = TeacherMetadata.load(teacher_metadata)
+        if teacher_metadata is not None and self.offline and teacher_metadata.temperature != args.temperature:
+            raise ValueError(f"The teacher's distributions are stored at temperature {teacher_metadata.temperature}; "
+                             f"set args.temperature to it (it is {args.temperature}).")
+        teacher = None if self.offline else self._load_frozen(
             teacher_model, args.teacher_model_init_kwargs, "teacher_model", model, processing_class
         )
-        if teacher is None and self.requires_teacher:
+        if teacher is None and self.requires_teacher and not self.offline:
             raise ValueError(
                 f"{type(self).__name__} distils from a teacher: pass `teacher_model=` (a model or a path to one; "
-                "its load options go in `args.teacher_model_init_kwargs`)."
+                "its load options go in `args.teacher_model_init_kwargs`), or an offline teacher dataset "
+                "(recipes/offline_teacher.py) as `train_dataset`."
             )
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
@@ -262,7 +321,15 @@ class BaseDrafterTrainer(Trainer):
                 f"{type(self).__name__} does not train on packed or padding-free batches (its per-row features "
                 "need one row per sequence): set packing=False and padding_free=False."
             )
-        if data_collator is None:
+        if self.offline and args.remove_unused_columns:
+            args = copy.copy(args)  # the caller's config stays as given
+            args.remove_unused_columns = False  # the teacher columns are read by the loss, not by the model
+        if self.offline and (args.packing or args.padding_free):
+            raise ValueError("Offline teacher datasets are collated row by row: set packing=False and "
+                             "padding_free=False.")
+        if data_collator is None and self.offline:
+            data_collator = OfflineTeacherCollator(self.pad_token_id, args.max_length)
+        elif data_collator is None:
             data_collator = DraftDataCollator(self.pad_token_id, padding_free=args.packing or args.padding_free)
         with args.main_process_first(desc="tokenizing datasets"):
             train_dataset = self._tokenize(train_dataset, processing_class, args)
@@ -330,6 +397,12 @@ class BaseDrafterTrainer(Trainer):
     def _tokenize(dataset, tokenizer, args: BaseDrafterConfig):
         if dataset is None:
             return None
+        if is_offline_teacher(getattr(dataset, "column_names", None)):
+            # stored rows are tokenized already, and rewriting them would copy every stored value: rows with nothing
+            # to train are dropped through an index over `labels`, rows are cut by the collator, and read as arrays
+            trained = dataset.filter(lambda labels: has_trained_token({"labels": labels}), input_columns="labels",
+                                     num_proc=args.dataset_num_proc, desc="Dropping rows with no trained token")
+            return trained.with_format("numpy")
         return prepare_dataset(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc,
                                packing=args.packing)
 
@@ -357,10 +430,64 @@ class BaseDrafterTrainer(Trainer):
         return {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
 
     @torch.no_grad()
-    def frozen_logits(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def frozen_forward(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+                       output_hidden_states: bool = False) -> tuple[LiveTeacher, tuple[torch.Tensor, ...] | None]:
+        """One forward of a frozen model (teacher, reference): its next-token distribution at the trained
+        `positions` [B, T-1] as a `LiveTeacher` (hidden states projected chunk by chunk where the model's head can
+        run outside its forward; logits in the model's dtype where it is sharded or unchunkable) and, when asked,
+        all its `hidden_states` [B, T, H] (what guided drafters and EAGLE-3 heads read)."""
         frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
-        # use_cache=False: a training forward never reuses a KV cache, so building one every step only costs memory
-        return frozen_model(**self.model_inputs(inputs), use_cache=False).logits
+        inner = self.accelerator.unwrap_model(frozen_model)
+        model_inputs = self.model_inputs(inputs)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head is gathered inside forward only
+        chunked = self.args.loss_chunk_size > 0 and not sharded and verify_lm_head_path(inner, model_inputs)
+        if chunked:
+            outputs = base_model(inner).get_decoder()(**model_inputs, use_cache=False,
+                                                       output_hidden_states=output_hidden_states)
+            hidden = outputs.last_hidden_state[:, :-1][positions]
+            teacher = LiveTeacher(hidden=hidden, project=functools.partial(lm_head_logits, inner))
+            return teacher, outputs.hidden_states if output_hidden_states else None
+
+        def logits_at_positions(**kwargs):  # inside the wrapper's forward: the sharded head is gathered there
+            outputs = type(inner).forward(inner, **kwargs, use_cache=False, output_hidden_states=output_hidden_states)
+            return outputs.logits[:, :-1][positions], outputs.hidden_states
+
+        logits, hidden_states = call_inside_forward(frozen_model, inner, logits_at_positions, **model_inputs)
+        return LiveTeacher(logits=logits), hidden_states if output_hidden_states else None
+
+    def student_token_values(self, model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+                             token_values, **forward_kwargs) -> dict[str, torch.Tensor]:
+        """Per-token values `[N]` of the student at the trained `positions`: `token_values(logits, rows)` is called
+        on its logits chunk by chunk (`chunked_token_values`: at most one chunk of logits lives at a time), inside
+        the wrapper's forward (FSDP gathers there; DDP tracks it). `forward_kwargs` go to the model's forward."""
+        inner = self.accelerator.unwrap_model(model)
+        model_inputs = self.model_inputs(inputs)
+        chunk_size = self.args.loss_chunk_size
+
+        def run(**kwargs):
+            with self.accelerator.autocast():  # what accelerate's wrapped forward would have entered
+                if chunk_size and verify_lm_head_path(inner, kwargs):
+                    hidden = final_hidden_states(inner, kwargs)[:, :-1][positions]
+                    return chunked_token_values(lambda h, rows: token_values(lm_head_logits(inner, h), rows),
+                                                hidden, chunk_size)
+                outputs = type(inner).forward(inner, **kwargs, use_cache=False)
+                return token_values(outputs.logits[:, :-1][positions], slice(None))
+
+        return call_inside_forward(model, inner, run, **model_inputs, **forward_kwargs)
+
+    def live_or_stored_teacher(self, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+                               output_hidden_states: bool = False):
+        """The teacher at the trained positions: the stored one of an offline teacher batch, or one forward of
+        `teacher_model` (and its hidden states, when asked; an offline batch gives None)."""
+        if self.offline:
+            return StoredTeacher.from_batch(inputs, positions, self.args.temperature), None
+        return self.frozen_forward(self.teacher_model, inputs, positions, output_hidden_states)
+
+    def record_token_values(self, values: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Record every per-token metric of `values` (everything but the differentiated `loss`)."""
+        for name, value in values.items():
+            if name != "loss" and value.numel():
+                self.record_metric(prefix + name, value)
 
     @staticmethod
     def trained_targets(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ trained tokens in the optimizer step (recounted after generation).
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -19,14 +20,8 @@ from transformers import GenerationConfig
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer
 from .data import pad_rows, prompt_length
-from .losses import (
-    IGNORE_INDEX,
-    expected_acceptance,
-    normalize_token_loss,
-    shared_vocab,
-    token_cross_entropy,
-    top1_agreement,
-)
+from .losses import IGNORE_INDEX, in_backward, normalize_token_loss, token_cross_entropy
+from .teachers import Teacher
 
 DATA_SOURCES = ("dataset", "student", "teacher")
 
@@ -104,6 +99,19 @@ class DistillTrainer(BaseDrafterTrainer):
         "title": "DistillSpec: Improving Speculative Decoding via Knowledge Distillation",
         "arxiv": "2310.08461",
     }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        regenerates = {name: value for name, value in (("lmbda", self.args.lmbda), ("seq_kd", self.args.seq_kd))
+                       if value}
+        if regenerates and self.offline:
+            raise ValueError(f"{regenerates} regenerate completions that a teacher must then score, but the teacher "
+                             "is an offline teacher dataset (stored outputs for its own rows only): set lmbda=0 and "
+                             "seq_kd=False, or train with a live `teacher_model`.")
+        if regenerates and (self.args.packing or self.args.padding_free):
+            raise ValueError(f"{regenerates} regenerate each row's completion from its prompt, which packed and "
+                             "padding-free batches do not keep apart: set lmbda=0 and seq_kd=False, or "
+                             "packing=False and padding_free=False.")
 
     # ----- data: where each micro-batch's completions come from ---------------------------------------------------
 
@@ -199,18 +207,41 @@ class DistillTrainer(BaseDrafterTrainer):
 
     # ----- loss ---------------------------------------------------------------------------------------------------
 
-    def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """Hook: per-token divergence on `(N, vocab)` logits of the trained positions (shared vocabulary)."""
-        return self.divergence_fn(student_logits, teacher_logits, self.args.temperature)
+    def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+        """Hook: per-token divergence `(N,)` of the student from the teacher, both `(N, vocab)` logits to divide by
+        `temperature` (a live teacher: the shared vocabulary; an offline one: the coarse distributions of
+        `trainers.offline` as log-probabilities, already tempered, with temperature 1)."""
+        return self.divergence_fn(student_logits, teacher_logits, temperature)
 
-    def select_tokens(
-        self,
-        inputs: dict[str, Any],
-        positions: torch.Tensor,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """Hook: a bool `(N,)` mask of the trained tokens that enter the loss, or None for all of them."""
+    def frozen_models(self, inputs: dict[str, Any], positions: torch.Tensor) -> dict[str, Teacher]:
+        """Hook: the frozen distributions the loss reads at the trained positions (`teacher`; subclasses add
+        theirs), each produced once per micro-batch and read chunk by chunk."""
+        return {"teacher": self.live_or_stored_teacher(inputs, positions)[0]}
+
+    def token_values(self, student: torch.Tensor, rows: slice, frozen: dict[str, Teacher], targets: torch.Tensor,
+                     use_ce: bool) -> dict[str, torch.Tensor]:
+        """Per-token values of one chunk of trained tokens (`rows`): the differentiated `loss` and the metrics
+        (skipped while backward recomputes the chunk)."""
+        teacher = frozen["teacher"].at(rows)
+        divergence = teacher.divergence(self.divergence, student, self.args.temperature)
+        values = {"loss": divergence}
+        if use_ce:
+            cross_entropy = token_cross_entropy(student, targets[rows])
+            values["loss"] = divergence + self.args.ce_weight * cross_entropy
+        if not in_backward():
+            with torch.no_grad():
+                values["divergence"] = divergence.detach()
+                values["expected_acceptance"] = teacher.acceptance(student)
+                values["top1_agreement"] = (student.argmax(-1) == teacher.argmax()).float()
+                if use_ce:
+                    values["ce"] = cross_entropy.detach()
+        return values
+
+    def select_tokens(self, inputs: dict[str, Any], positions: torch.Tensor,
+                      values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Hook: a bool `(N,)` mask of the trained tokens that enter the loss, or None for all of them; `values` are
+        the per-token values of `token_values`."""
         return None
 
     def normalizes_over_selected_tokens(self) -> bool:
@@ -220,32 +251,20 @@ class DistillTrainer(BaseDrafterTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions, targets = self.trained_targets(inputs)
-        outputs = model(**self.model_inputs(inputs), use_cache=False)
-        student_full = outputs.logits[:, :-1][positions]
-        teacher_full = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
-        student, teacher = shared_vocab(student_full, teacher_full)
-        divergence = self.divergence(student, teacher)
-        per_token = divergence
+        frozen = self.frozen_models(inputs, positions)
         use_ce = self.args.ce_weight > 0 and inputs.get("data_source", "dataset") != "student"
-        if use_ce:
-            cross_entropy = token_cross_entropy(student_full, targets)
-            per_token = per_token + self.args.ce_weight * cross_entropy
-        selected = self.select_tokens(inputs, positions, student, teacher)
+        values = self.student_token_values(model, inputs, positions, functools.partial(
+            self.token_values, frozen=frozen, targets=targets, use_ce=use_ce))
+        per_token = values["loss"]
+        selected = self.select_tokens(inputs, positions, values)
         if selected is not None:
             per_token = torch.where(selected, per_token, torch.zeros_like(per_token))
         # Trained tokens count in the normaliser unless the trainer counts only selected ones (`count_loss_tokens`
         # decides the training count; this mask gives evaluation the same rule).
         counted = selected if selected is not None and self.normalizes_over_selected_tokens() else None
         loss = normalize_token_loss(per_token, counted, num_items_in_batch, self.loss_scale())
-        if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
-            loss = loss + 0.0 * outputs.logits.sum()
-        else:
-            self.record_metric("divergence", divergence)
-            self.record_metric("expected_acceptance", expected_acceptance(student.detach(), teacher))
-            self.record_metric("top1_agreement", top1_agreement(student.detach(), teacher))
-            if use_ce:
-                self.record_metric("ce", cross_entropy)
-        return (loss, outputs) if return_outputs else loss
+        self.record_token_values(values)
+        return (loss, values) if return_outputs else loss
 
     def model_card_summary(self) -> dict[str, Any]:
         args = self.args

@@ -48,18 +48,17 @@ from transformers import AutoTokenizer, DynamicCache, PretrainedConfig, set_seed
 from hf_specdec.eagle3 import Eagle3DraftModel
 from hf_specdec.eagle3.modeling import check_layer_ids
 
-from .base import BaseDrafterConfig, BaseDrafterTrainer, call_inside_forward, check_same_tokenizer, load_causal_lm
-from .data import has_trained_token
-from .losses import IGNORE_INDEX, expected_acceptance, normalize_token_loss
-from .offline import (
-    STATES_COLUMN,
-    OfflineTeacherCollator,
-    TargetParts,
-    TeacherMetadata,
-    coarse_log_probs,
-    coarse_student_log_probs,
-    is_offline_teacher,
+from .base import (
+    BaseDrafterConfig,
+    BaseDrafterTrainer,
+    call_inside_forward,
+    check_same_tokenizer,
+    load_causal_lm,
+    offline_teacher_datasets,
 )
+from .losses import IGNORE_INDEX, normalize_token_loss
+from .offline import STATES_COLUMN, OfflineTeacherCollator, TargetParts, TeacherMetadata
+from .teachers import LiveTeacher, StoredTeacher, StudentVocabulary, Teacher
 
 
 @dataclass
@@ -219,66 +218,6 @@ def ttt_unroll(head: Eagle3DraftModel, input_ids: torch.Tensor, attention_mask: 
 # ----- the teachers -----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TargetTeacher:
-    """The live target's logits [.., V]: its whole next-token distribution at every position."""
-
-    logits: torch.Tensor
-
-    def at(self, index) -> TargetTeacher:
-        return TargetTeacher(self.logits[index])
-
-    def argmax(self) -> torch.Tensor:
-        return self.logits.argmax(-1)
-
-    def divergence(self, divergence_fn, head: Eagle3DraftModel, draft_logits: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-        """Per row: from the target's distribution renormalised over the draft vocabulary."""
-        return divergence_fn(draft_logits, self.logits[..., head.draft_to_target], temperature)
-
-    def acceptance(self, head: Eagle3DraftModel, draft_logits: torch.Tensor) -> torch.Tensor:
-        """Σ min(p, q) of speculative sampling at temperature 1 (a target token outside the draft vocabulary is a
-        miss: q is 0 there)."""
-        return expected_acceptance(head.logits_in_target_vocabulary(draft_logits), self.logits)
-
-
-@dataclass
-class StoredTeacher:
-    """An offline teacher's sparse distribution at its stored `temperature`: the k kept ids [.., k] (most likely
-    first), their log-probabilities [.., k] and the log-mass of the rest [..]."""
-
-    top_ids: torch.Tensor
-    top_logprobs: torch.Tensor
-    tail_logprob: torch.Tensor
-    temperature: float
-
-    def at(self, index) -> StoredTeacher:
-        return StoredTeacher(self.top_ids[index], self.top_logprobs[index], self.tail_logprob[index],
-                             self.temperature)
-
-    def argmax(self) -> torch.Tensor:
-        return self.top_ids[..., 0]
-
-    def _in_draft_vocabulary(self, head: Eagle3DraftModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draft id of every kept id, and whether the draft vocabulary has it."""
-        return (head.t2d.cumsum(0) - 1)[self.top_ids], head.t2d[self.top_ids]
-
-    def divergence(self, divergence_fn, head: Eagle3DraftModel, draft_logits: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-        """Per row: between the coarse distributions over the kept draft-vocabulary ids and one bucket (module
-        docstring); at k = V, the online divergence."""
-        draft_ids, expressible = self._in_draft_vocabulary(head)
-        teacher, student = coarse_log_probs(draft_logits.float() / temperature, draft_ids, self.top_logprobs,
-                                            self.tail_logprob, expressible)
-        return divergence_fn(student, teacher, 1.0)  # normalised log-probabilities, already tempered
-
-    def acceptance(self, head: Eagle3DraftModel, draft_logits: torch.Tensor) -> torch.Tensor:
-        """Σ min(p, q) over the kept ids only, at the stored temperature: the tail's share is not stored, so this
-        is a lower bound, exact when nothing is cut."""
-        kept, _ = coarse_student_log_probs(draft_logits.float() / self.temperature, *self._in_draft_vocabulary(head))
-        return torch.minimum(self.top_logprobs.float().exp(), kept.exp()).sum(-1)  # q = 0 outside the vocabulary
-
-
 # ----- the trainer ------------------------------------------------------------------------------------------------
 
 
@@ -309,6 +248,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
     config_class = Eagle3TrainingConfig
     requires_teacher = False  # checked here: a target to run, or an offline teacher dataset
     supports_packing = False  # the training-time-test unroll builds its chains row by row
+    offline_teacher_replaces_model = False  # with an offline teacher, `teacher_model` gives the config and embedding
     _tag_names = (*BaseDrafterTrainer._tag_names, "eagle3")
     _name = "EAGLE-3"
     _paper: ClassVar[dict[str, str]] = {
@@ -326,7 +266,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
         elif not isinstance(args, Eagle3TrainingConfig):
             raise TypeError(f"Eagle3Trainer needs an Eagle3TrainingConfig, got {type(args).__name__}.")
         datasets = self._given_datasets(kwargs)
-        self.offline = self._is_offline(datasets)
+        self.offline = offline_teacher_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         if isinstance(teacher_model, str):
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(teacher_model)
@@ -377,15 +317,6 @@ class Eagle3Trainer(BaseDrafterTrainer):
         else:
             given["eval_dataset"] = eval_dataset
         return {name: dataset for name, dataset in given.items() if dataset is not None}
-
-    @staticmethod
-    def _is_offline(datasets: dict[str, Any]) -> bool:
-        stored = {name: is_offline_teacher(getattr(dataset, "column_names", None)) for name, dataset in datasets.items()}
-        if len(set(stored.values())) > 1:
-            raise ValueError(f"Offline teacher datasets {[n for n, s in stored.items() if s]} and plain ones "
-                             f"{[n for n, s in stored.items() if not s]}: a trainer either runs its target or reads "
-                             "its stored outputs. recipes/offline_teacher.py writes train/ and eval/ splits.")
-        return any(stored.values())
 
     def _offline_target(self, teacher_model, teacher_metadata, target_config, target_embedding,
                         args: Eagle3TrainingConfig) -> tuple[TeacherMetadata | None, TargetParts]:
@@ -486,15 +417,6 @@ class Eagle3Trainer(BaseDrafterTrainer):
                                  f"{len(layers)} states of its target's hidden size {hidden} ({len(layers) * hidden}):"
                                  " they were stored from other layers or another target.")
 
-    def _tokenize(self, dataset, tokenizer, args: Eagle3TrainingConfig):
-        if dataset is None or not is_offline_teacher(getattr(dataset, "column_names", None)):
-            return super()._tokenize(dataset, tokenizer, args)
-        # stored rows are tokenized already, and rewriting them would copy every stored state: rows with nothing to
-        # train are dropped through an index over `labels`, rows are cut by the collator, and read as arrays
-        trained = dataset.filter(lambda labels: has_trained_token({"labels": labels}), input_columns="labels",
-                                 num_proc=args.dataset_num_proc, desc="Dropping rows with no trained token")
-        return trained.with_format("numpy")
-
     def _choose_draft_vocabulary(self, head: Eagle3DraftModel, target) -> None:
         if self.train_dataset is None:
             raise ValueError("A fresh head with draft_vocab_size chooses its vocabulary from `train_dataset`; pass "
@@ -513,7 +435,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
                                     inputs["teacher_tail_logprob"], self.args.temperature)
             return inputs[STATES_COLUMN], teacher
         logits, features = self.target_outputs(inputs, head)
-        return features, TargetTeacher(logits)
+        return features, LiveTeacher(logits=logits)
 
     @torch.no_grad()
     def target_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
@@ -548,13 +470,14 @@ class Eagle3Trainer(BaseDrafterTrainer):
         return (loss, step_logits) if return_outputs else loss
 
     def step_divergence(self, head: Eagle3DraftModel, step: int, logits: torch.Tensor,
-                        teacher: TargetTeacher | StoredTeacher, labels: torch.Tensor,
+                        teacher: Teacher, labels: torch.Tensor,
                         roots: torch.Tensor) -> torch.Tensor:
         """The divergence of every trained row of TTT step `step` from the teacher's distribution over the draft
         vocabulary. Records the step's greedy accuracy `acc_<step>` and, for the first draft token, the expected
         acceptance Σ min(p, q) of speculative sampling (a target token outside the draft vocabulary counts as a miss
         in both: the head can never propose it)."""
         rows = step_targets(labels, roots, step)
+        vocabulary = StudentVocabulary(head.draft_to_target, head.t2d)
         teacher = teacher.at((slice(None), slice(1 + step, 1 + step + rows.shape[1])))  # the positions rows draft for
         wanted = teacher.argmax()
         trained = rows & head.t2d[wanted]
@@ -564,8 +487,8 @@ class Eagle3Trainer(BaseDrafterTrainer):
             self.record_metric(f"acc_{step}", (drafted == wanted)[rows].float())
             if step == 0:
                 self.record_metric("draft_vocab_coverage", trained[rows].float())
-                self.record_metric("expected_acceptance", teacher.at(rows).acceptance(head, draft.detach()[rows]))
-        return teacher.at(trained).divergence(self.divergence_fn, head, draft[trained], self.args.temperature)
+                self.record_metric("expected_acceptance", teacher.at(rows).acceptance(draft.detach()[rows], vocabulary))
+        return teacher.at(trained).divergence(self.divergence_fn, draft[trained], self.args.temperature, vocabulary)
 
     # ----- saving -----------------------------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from transformers import AutoConfig, AutoTokenizer
 from hf_specdec.guided import GUIDE_METHODS, GuidedDrafter, check_verifier_layers
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer, load_causal_lm
-from .losses import expected_acceptance, normalize_token_loss, shared_vocab, top1_agreement
+from .losses import in_backward, normalize_token_loss
+from .offline import STATES_COLUMN
 
 STALENESS_MODES = ("offset", "blocked")
 TRAIN_DRAFTER_MODES = ("full", "lora", "frozen")
@@ -136,6 +137,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
     config_class = GuidedDrafterConfig
     requires_teacher = True
     supports_packing = False  # the guide reads the target state of earlier positions of the same row
+    offline_teacher_replaces_model = False  # with an offline teacher, `teacher_model` gives the target's config
     _tag_names = (*BaseDrafterTrainer._tag_names, "guided-drafter", "sd2")
     _name = "SD2-guided"
     _paper: ClassVar[dict[str, str]] = {
@@ -157,7 +159,8 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
         elif not isinstance(args, GuidedDrafterConfig):
             raise TypeError(f"GuidedDrafterTrainer needs a GuidedDrafterConfig, got {type(args).__name__}.")
         if teacher_model is None:
-            raise ValueError("GuidedDrafterTrainer needs `teacher_model=` (the target whose states steer the draft).")
+            raise ValueError("GuidedDrafterTrainer needs `teacher_model=` (the target whose states steer the draft; "
+                             "with an offline teacher dataset it gives its config only and is never run or kept).")
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         model = load_causal_lm(model, args.model_init_kwargs, "model")
@@ -231,43 +234,48 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
 
     # ----- loss ---------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def teacher_outputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's logits and its guide states `[B, S, L, H_v]`, from one forward."""
-        self.teacher_model.eval()
-        outputs = self.teacher_model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True,
-            use_cache=False,  # a training forward never reuses a KV cache
-        )
+    def guide_states(self, inputs: dict[str, torch.Tensor], hidden_states) -> torch.Tensor:
+        """The target's states at the drafter's `verifier_layers`, `[B, S, L, H_v]`: from the live target's
+        forward, or stored in an offline teacher batch (`recipes/offline_teacher.py --state_layers` = those
+        layers)."""
         guided = self.accelerator.unwrap_model(self.model)
-        return outputs.logits, guided.guide_states_from_hidden_states(outputs.hidden_states)
+        if hidden_states is not None:
+            return guided.guide_states_from_hidden_states(hidden_states)
+        stored = inputs.get(STATES_COLUMN)
+        layers = guided.config.verifier_layers
+        if stored is None or stored.shape[-1] % len(layers):
+            raise ValueError(f"The offline teacher dataset holds no target states for the guide's verifier_layers "
+                             f"{layers}: write it with recipes/offline_teacher.py --state_layers "
+                             f"{' '.join(map(str, layers))}.")
+        return stored.unflatten(-1, (len(layers), -1)).to(guided.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions, _ = self.trained_targets(inputs)  # [B, S-1]: logits at t predict a trained token
-        teacher_logits, guide_states = self.teacher_outputs(inputs)
+        teacher, hidden_states = self.live_or_stored_teacher(inputs, positions, output_hidden_states=True)
+        guide_states = self.guide_states(inputs, hidden_states)
         draw = self.staleness_draw()
         source = guide_source_positions(
             guide_states.shape[1], self.args.draft_length, self.args.staleness, draw, guide_states.device
         )
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            guide_states=guide_states[:, source],
-            guide_mask=F.pad(positions, (0, 1)),
-        )
-        student, teacher = shared_vocab(outputs.logits[:, :-1][positions], teacher_logits[:, :-1][positions])
-        divergence = self.divergence_fn(student, teacher, self.args.temperature)
-        loss = normalize_token_loss(divergence, None, num_items_in_batch, self.loss_scale())
-        if divergence.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
-            loss = loss + 0.0 * outputs.logits.sum()
-        else:
-            self.record_metric("divergence", divergence)
-            self.record_metric("expected_acceptance", expected_acceptance(student.detach(), teacher))
-            self.record_metric("top1_agreement", top1_agreement(student.detach(), teacher))
-            self.record_metric(
-                "guide_staleness", (torch.arange(len(source), device=source.device) - source)[1:].float().mean()[None]
-            )
-        return (loss, outputs) if return_outputs else loss
+
+        def token_values(student: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+            chunk_teacher = teacher.at(rows)
+            values = {"loss": chunk_teacher.divergence(self.divergence_fn, student, self.args.temperature)}
+            if not in_backward():
+                with torch.no_grad():
+                    values["divergence"] = values["loss"].detach()
+                    values["expected_acceptance"] = chunk_teacher.acceptance(student)
+                    values["top1_agreement"] = (student.argmax(-1) == chunk_teacher.argmax()).float()
+            return values
+
+        values = self.student_token_values(model, inputs, positions, token_values,
+                                           guide_states=guide_states[:, source], guide_mask=F.pad(positions, (0, 1)))
+        loss = normalize_token_loss(values["loss"], None, num_items_in_batch, self.loss_scale())
+        self.record_token_values(values)
+        if values["loss"].numel():
+            staleness = (torch.arange(len(source), device=source.device) - source)[1:].float().mean()[None]
+            self.record_metric("guide_staleness", staleness)
+        return (loss, values) if return_outputs else loss
 
     # ----- saving -------------------------------------------------------------------------------------------------
 

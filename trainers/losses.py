@@ -134,6 +134,35 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed chunk): metrics are skipped there,
+    having been recorded in the forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def chunked_token_values(token_values: Callable[[torch.Tensor, slice], dict[str, torch.Tensor]],
+                         hidden: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """`token_values(hidden[rows], rows)` over consecutive chunks of `chunk_size` rows, each value concatenated.
+
+    This is how every loss here meets the LM head: `token_values` projects its chunk of final hidden states `[c, H]` to
+    logits `[c, V]` and returns per-token values `[c]`. When gradients are on, each chunk runs under activation
+    checkpointing, so no chunk's logits (or their softmax temporaries) outlive it: backward recomputes one chunk at a
+    time, and the loss's peak memory is that of one chunk, whatever the number of tokens. With no rows, one empty
+    chunk still runs, so that the LM head and everything before it stay in the graph (DDP expects a gradient for every
+    parameter, even a zero one).
+    """
+    rows = hidden.shape[0]
+    if rows == 0 or not torch.is_grad_enabled():
+        chunks = [token_values(hidden[start:start + chunk_size], slice(start, start + chunk_size))
+                  for start in range(0, max(rows, 1), chunk_size)]
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        chunks = [checkpoint(token_values, hidden[start:start + chunk_size], slice(start, start + chunk_size),
+                             use_reentrant=False) for start in range(0, rows, chunk_size)]
+    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
 def normalize_token_loss(
     per_token: torch.Tensor,
     token_mask: torch.Tensor | None = None,

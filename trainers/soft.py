@@ -16,6 +16,7 @@ keep a big model's first `n` layers, its embeddings, final norm and LM head.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,19 +26,16 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer, call_inside_forward
-from .losses import expected_acceptance, normalize_token_loss, shared_vocab, token_cross_entropy, top1_agreement
+from .losses import chunked_token_values, in_backward, normalize_token_loss, token_cross_entropy
+from .teachers import Teacher, base_model, lm_head_logits
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]:
     """`(decoder, layers, final_norm, lm_head)` of a causal LM (Llama/Qwen/Mistral-style or GPT-2-style)."""
-    base = _base_model(model)
+    base = base_model(model)
     decoder = base.get_decoder()
     layers = next(
         (getattr(decoder, n) for n in _LAYER_LIST_NAMES if isinstance(getattr(decoder, n, None), nn.ModuleList)), None
@@ -73,13 +71,6 @@ def check_exits(exits: list[int], model: nn.Module) -> None:
         )
 
 
-def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    base = _base_model(model)
-    logits = base.get_output_embeddings()(hidden)
-    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma-style models cap their logits
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def exit_hidden_states(model: nn.Module, input_ids, attention_mask=None, exits=None,
                        position_ids=None) -> dict[int, torch.Tensor]:
     """Normalised hidden state after `e` layers for each exit (all layers when `exits` is None)."""
@@ -94,7 +85,7 @@ def exit_hidden_states(model: nn.Module, input_ids, attention_mask=None, exits=N
 def exit_logits(model: nn.Module, input_ids, attention_mask=None, exits=None) -> dict[int, torch.Tensor]:
     """`{e: logits of the first e layers + final norm + LM head}`, each `(B, T, vocab)`."""
     hidden = exit_hidden_states(model, input_ids, attention_mask, exits)
-    return {e: _head_logits(model, h) for e, h in hidden.items()}
+    return {e: lm_head_logits(model, h) for e, h in hidden.items()}
 
 
 def truncate_model(model: nn.Module, num_layers_to_keep: int) -> nn.Module:
@@ -200,7 +191,7 @@ class SoFTTrainer(BaseDrafterTrainer):
         inner = self.accelerator.unwrap_model(self.model)
         check_exits(self.args.exits, inner)
         # Recorded in the config so that every checkpoint says which sub-models it was trained to serve.
-        config = _base_model(inner).config
+        config = base_model(inner).config
         config.sorted_exits = list(self.args.exits)
         if self.args.exit_thresholds is not None:
             config.sorted_exit_thresholds = list(self.args.exit_thresholds)
@@ -208,41 +199,47 @@ class SoFTTrainer(BaseDrafterTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions, targets = self.trained_targets(inputs)
         inner = self.accelerator.unwrap_model(model)
+        teacher = None
+        if self.teacher_model is not None or self.offline:
+            teacher = self.live_or_stored_teacher(inputs, positions)[0]
+        chunk_size = self.args.loss_chunk_size or max(int(positions.sum()), 1)
 
-        def trained_exit_logits(input_ids, attention_mask=None, position_ids=None):
-            # Runs inside the wrapper's forward (FSDP gathers, DDP tracks); only trained positions reach the head.
+        def exit_values(input_ids, attention_mask=None, position_ids=None):
+            # Runs inside the wrapper's forward (FSDP gathers, DDP tracks); only trained positions reach the head,
+            # a chunk at a time
             with self.accelerator.autocast():
                 hidden = exit_hidden_states(inner, input_ids, attention_mask, self.args.exits, position_ids)
-                return {e: _head_logits(inner, h[:, :-1][positions]) for e, h in hidden.items()}
+                return {e: chunked_token_values(
+                    functools.partial(self.exit_token_values, targets=targets, teacher=teacher),
+                    h[:, :-1][positions], chunk_size) for e, h in hidden.items()}
 
-        logits = call_inside_forward(model, inner, trained_exit_logits, **self.model_inputs(inputs))
-        teacher = None
-        if self.teacher_model is not None:
-            teacher = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
+        values = call_inside_forward(model, inner, exit_values, **self.model_inputs(inputs))
         per_token = torch.zeros(targets.shape, device=targets.device, dtype=torch.float32)
         for exit_layer, weight in zip(self.args.exits, self.args.normalized_exit_weights):
-            exit_loss = self.exit_loss(exit_layer, logits[exit_layer], targets, teacher)
-            per_token = per_token + weight * exit_loss
+            per_token = per_token + weight * values[exit_layer]["loss"]
+            self.record_token_values(values[exit_layer], prefix=f"exit_{exit_layer}/")
         loss = normalize_token_loss(per_token, None, num_items_in_batch, self.loss_scale())
-        if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
-            loss = loss + 0.0 * sum(t.sum() for t in logits.values())
-        return (loss, logits) if return_outputs else loss
+        return (loss, values) if return_outputs else loss
 
-    def exit_loss(self, exit_layer: int, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None):
-        """Per-token loss of one exit: CE on the labels, or the configured divergence from the teacher."""
+    def exit_token_values(self, hidden: torch.Tensor, rows: slice, targets: torch.Tensor,
+                          teacher: Teacher | None) -> dict[str, torch.Tensor]:
+        """Per-token values of one exit on one chunk of trained tokens: CE on the labels, or the configured
+        divergence from the teacher, as `loss`; and the metrics (skipped while backward recomputes the chunk)."""
+        logits = lm_head_logits(self.accelerator.unwrap_model(self.model), hidden)
         if teacher is None:
-            loss = token_cross_entropy(logits, targets)
-            if loss.numel():
-                self.record_metric(f"exit_{exit_layer}/ce", loss)
-                self.record_metric(f"exit_{exit_layer}/accuracy", (logits.detach().argmax(-1) == targets).float())
-            return loss
-        student, teacher = shared_vocab(logits, teacher)
-        loss = self.divergence_fn(student, teacher, self.args.temperature)
-        if loss.numel():
-            self.record_metric(f"exit_{exit_layer}/divergence", loss)
-            self.record_metric(f"exit_{exit_layer}/expected_acceptance", expected_acceptance(student.detach(), teacher))
-            self.record_metric(f"exit_{exit_layer}/top1_agreement", top1_agreement(student.detach(), teacher))
-        return loss
+            values = {"loss": token_cross_entropy(logits, targets[rows])}
+            if not in_backward():
+                values["ce"] = values["loss"].detach()
+                values["accuracy"] = (logits.detach().argmax(-1) == targets[rows]).float()
+            return values
+        teacher = teacher.at(rows)
+        values = {"loss": teacher.divergence(self.divergence_fn, logits, self.args.temperature)}
+        if not in_backward():
+            with torch.no_grad():
+                values["divergence"] = values["loss"].detach()
+                values["expected_acceptance"] = teacher.acceptance(logits)
+                values["top1_agreement"] = (logits.argmax(-1) == teacher.argmax()).float()
+        return values
 
     def model_card_summary(self) -> dict[str, Any]:
         summary = {"exits": self.args.exits, "exit weights": [round(w, 4) for w in self.args.normalized_exit_weights]}

@@ -1,6 +1,7 @@
 """AdaSPECTrainer: the ΔL filter selects exactly the top-k tokens, the loss uses them, the window option makes the
 selection independent of gradient accumulation, and bad input is a clear error."""
 
+import functools
 import pytest
 import torch
 from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, sgd_args
@@ -43,7 +44,11 @@ def test_trainer_selects_the_tokens_with_the_largest_delta_and_trains_only_them(
         draft_kl = forward_kl(draft, target)
         delta = draft_kl - forward_kl(ref, target)
         expected = delta >= torch.quantile(delta, 0.6)
-        selected = trainer.select_tokens(batch, mask, draft, target)
+        frozen = trainer.frozen_models(batch, mask)
+        values = trainer.student_token_values(trainer.model, batch, mask, functools.partial(
+            trainer.token_values, frozen=frozen, targets=batch["labels"][:, 1:][mask], use_ce=False))
+        torch.testing.assert_close(values["delta_loss"], delta, rtol=1e-4, atol=1e-5)  # chunked == whole logits
+        selected = trainer.select_tokens(batch, mask, values)
         loss = trainer.compute_loss(trainer.model, batch)
     assert torch.equal(selected, expected)
     assert int(selected.sum()) == pytest.approx(0.4 * len(delta), abs=1)

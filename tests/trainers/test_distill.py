@@ -157,7 +157,7 @@ def test_cross_entropy_weight_adds_the_label_loss(tokenizer, tmp_path):
 
 def test_a_subclass_can_override_the_divergence(tokenizer, tmp_path):
     class SquaredErrorTrainer(DistillTrainer):
-        def divergence(self, student_logits, teacher_logits):
+        def divergence(self, student_logits, teacher_logits, temperature):
             return (student_logits.softmax(-1) - teacher_logits.softmax(-1)).pow(2).sum(-1)
 
     trainer = SquaredErrorTrainer(
@@ -445,8 +445,8 @@ def test_training_forwards_build_no_kv_cache(tokenizer, tmp_path):
     training forward never reads: memory for nothing."""
     trainer = make_trainer(tokenizer, tmp_path)
     seen = []
-    for model in (trainer.model, trainer.teacher_model):
-        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
+    for model in (trainer.model, trainer.teacher_model):  # their decoders: what would build the cache
+        model.get_decoder().register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
                                         with_kwargs=True)
     trainer.compute_loss(trainer.model, first_batch(trainer))
     assert seen == [False, False]

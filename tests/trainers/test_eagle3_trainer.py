@@ -347,7 +347,7 @@ def test_offline_teacher_errors(tmp_path):
         build(target_config=target.config)
     with pytest.raises(ValueError, match="A fresh head is shaped after its target"):
         build(target_embedding=embedding)
-    with pytest.raises(ValueError, match="either runs its target or reads its stored outputs"):
+    with pytest.raises(ValueError, match="either runs its teacher or reads its stored outputs"):
         build(teacher_model=target, eval_dataset=rows)
     with pytest.raises(ValueError, match="for training from an offline teacher dataset"):
         build(train_dataset=rows, teacher_model=target, target_embedding=embedding)

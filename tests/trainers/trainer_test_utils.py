@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from datasets import Dataset
 
-from tiny import tiny_corpus, tiny_llama
+# recipes/tiny.py is a recipe helper, not part of the package; torchrun workers import this file without conftest.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+
+from tiny import tiny_corpus, tiny_llama  # noqa: E402
 
 
 def corpus_dataset(num_rows: int, seed: int = 0, columns=("prompt", "completion")) -> Dataset:
