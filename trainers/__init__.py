@@ -7,11 +7,15 @@
 - `Eagle3Trainer` / `Eagle3TrainingConfig`: an EAGLE-3 head over the target's hidden states, with the training-time
   test unroll.
 
+- `SpeculativeDecodingCallback`: real speculative decoding (α, τ) with the current drafter, and its expected
+  acceptance on the target's own continuations, logged during training.
+
 Shared per-token divergences and the token normaliser live in `trainers.losses`.
 """
 
 from .adaspec import AdaSPECConfig, AdaSPECTrainer
 from .base import BaseDrafterConfig, BaseDrafterTrainer
+from .callbacks import SpeculativeDecodingCallback
 from .distill import DistillConfig, DistillTrainer
 from .eagle3 import Eagle3Trainer, Eagle3TrainingConfig, build_draft_vocabulary
 from .guided import GuidedDrafterConfig, GuidedDrafterTrainer
@@ -30,6 +34,7 @@ __all__ = [
     "GuidedDrafterTrainer",
     "SoFTConfig",
     "SoFTTrainer",
+    "SpeculativeDecodingCallback",
     "build_draft_vocabulary",
     "exit_logits",
     "truncate_model",

@@ -350,6 +350,9 @@ class BaseDrafterTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        for callback in self.callback_handler.callbacks:  # callbacks that read the trainer (its drafter, target)
+            if callable(getattr(callback, "bind", None)) and getattr(callback, "trainer", False) is None:
+                callback.bind(self)
         self.divergence_fn = get_divergence(args.divergence, args.beta)
         self.teacher_model = self.prepare_frozen_model(teacher) if teacher is not None else None
         if hasattr(self.model, "add_model_tags"):
