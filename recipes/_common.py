@@ -19,9 +19,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
+
 from trainers.data import DraftDataCollator, tokenize_dataset
 from trainers.losses import expected_acceptance, shared_vocab, supervised_positions, top1_agreement
-from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 
 @dataclass

@@ -52,9 +52,8 @@ def parse_args(argv=None):
 
 def soft_pair(soft_dir: str, num_prompts: int):
     """The tiny world's target, the SoFT-trained sorted draft and held-out prompts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tiny import tiny_corpus
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(soft_dir) / "config.json").exists():
         import soft

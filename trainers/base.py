@@ -8,6 +8,7 @@ their batches change between loading and training (on-policy generation, token f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -134,6 +135,10 @@ class BaseDrafterConfig(TrainingArguments):
             raise ValueError(
                 f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}."
             )
+
+
+def _is_iterable_dataset(dataset) -> bool:
+    return type(dataset).__name__ == "IterableDataset" or isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def offline_teacher_datasets(train_dataset, eval_dataset) -> bool:
@@ -321,6 +326,11 @@ class BaseDrafterTrainer(Trainer):
                 f"{type(self).__name__} does not train on packed or padding-free batches (its per-row features "
                 "need one row per sequence): set packing=False and padding_free=False."
             )
+        if _is_iterable_dataset(train_dataset) and getattr(args.accelerator_config, "dispatch_batches", None) is not False:
+            # accelerate would otherwise fetch every process's batches on process 0 and concatenate them, which fails
+            # when they differ in length: each process reads its own shard of the stream instead
+            args = copy.copy(args)
+            args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
         if self.offline and args.remove_unused_columns:
             args = copy.copy(args)  # the caller's config stays as given
             args.remove_unused_columns = False  # the teacher columns are read by the loss, not by the model

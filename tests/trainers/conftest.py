@@ -10,7 +10,7 @@ import pytest
 # recipes/tiny.py (the offline tokenizer, language and models) is a recipe helper, not part of the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 
-from tiny import tiny_tokenizer  # noqa: E402
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

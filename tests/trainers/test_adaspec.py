@@ -2,14 +2,15 @@
 selection independent of gradient accumulation, and bad input is a clear error."""
 
 import functools
+
 import pytest
 import torch
+from tiny import tiny_llama
 from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, sgd_args
 
 from trainers import AdaSPECConfig, AdaSPECTrainer
 from trainers.adaspec import select_top_fraction
 from trainers.losses import IGNORE_INDEX, forward_kl
-from tiny import tiny_llama
 
 
 def make_trainer(tokenizer, args, train_rows=16, ref_model="default"):

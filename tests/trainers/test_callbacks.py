@@ -262,12 +262,15 @@ def test_prompts_from_text_ids_chats_and_trainer_rows(tokenizer):
 
 
 def test_an_unbound_callback_says_how_to_bind_it(tokenizer, tmp_path):
+    """The drafter trainers bind it themselves; another Trainer (e.g. a plain transformers one) must be told."""
+    from transformers import Trainer, TrainingArguments
+
     callback = SpeculativeDecodingCallback(["ab"], max_new_tokens=4)
-    trainer = DistillTrainer(model=tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer),
-                             teacher_model=peaked_teacher(tokenizer), args=fast_args(DistillConfig, Path(tmp_path)),
-                             train_dataset=corpus_dataset(8), processing_class=tokenizer, callbacks=[callback])
+    trainer = Trainer(model=tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer),
+                      args=TrainingArguments(str(tmp_path), max_steps=1, report_to="none", use_cpu=True),
+                      train_dataset=corpus_dataset(8), callbacks=[callback])
     with pytest.raises(RuntimeError, match=r"callback.bind\(trainer\)"):
-        trainer.train()
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control)
     with pytest.raises(ValueError, match="nothing to log"):
         SpeculativeDecodingCallback(["ab"], decode=False, expected_acceptance=False)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 
-from tiny import tiny_llama, tiny_tokenizer
 from trainers import (
     AdaSPECConfig,
     AdaSPECTrainer,

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from tiny import tiny_llama
 from tokenizers import Tokenizer, models
 from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainerCallback
@@ -13,7 +14,6 @@ from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainerCallb
 from trainers import DistillConfig, DistillTrainer
 from trainers.data import tokenize_row
 from trainers.losses import IGNORE_INDEX, shared_vocab, total_variation
-from tiny import tiny_llama
 
 
 def make_trainer(tokenizer, tmp_path, train_rows=16, eval_rows=8, student=None, teacher=None, **config):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 from trainer_test_utils import corpus_dataset, fast_args, flat_weights, peaked_teacher, sgd_args
 from transformers import DynamicCache, TrainingArguments
 
@@ -25,7 +26,6 @@ from trainers import BaseDrafterConfig, Eagle3Trainer, Eagle3TrainingConfig
 from trainers.data import tokenize_dataset
 from trainers.eagle3 import build_draft_vocabulary, generation_special_ids, ttt_attention_mask, ttt_unroll
 from trainers.offline import TeacherMetadata, precompute_teacher
-from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
 LAYERS = [1, 2]  # hidden_states of the 2-layer test target that the heads read

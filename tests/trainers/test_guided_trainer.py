@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 from trainer_test_utils import corpus_dataset, fast_args, flat_weights, peaked_teacher, sgd_args
 
 from hf_specdec.guided import GuidedDrafter
 from trainers import GuidedDrafterConfig, GuidedDrafterTrainer
 from trainers.guided import guide_source_positions
-from tiny import tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
 VERIFIER_LAYERS = [1, 2]

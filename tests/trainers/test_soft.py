@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_llama
 from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from trainers import SoFTConfig, SoFTTrainer, exit_logits, truncate_model
 from trainers.losses import IGNORE_INDEX, forward_kl
-from tiny import tiny_llama
 
 
 def tiny_model(arch):

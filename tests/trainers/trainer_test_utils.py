@@ -11,7 +11,7 @@ from datasets import Dataset
 # recipes/tiny.py is a recipe helper, not part of the package; torchrun workers import this file without conftest.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 
-from tiny import tiny_corpus, tiny_llama  # noqa: E402
+from tiny import tiny_corpus, tiny_llama
 
 
 def corpus_dataset(num_rows: int, seed: int = 0, columns=("prompt", "completion")) -> Dataset:
@@ -63,8 +63,9 @@ def build_sgd_trainer(name: str, tmp_path, batch_size: int, accumulation: int, *
     with uneven numbers of trained tokens."""
     from pathlib import Path
 
-    from trainers import DistillConfig, DistillTrainer, SoFTConfig, SoFTTrainer
     from tiny import tiny_tokenizer
+
+    from trainers import DistillConfig, DistillTrainer, SoFTConfig, SoFTTrainer
 
     tmp_path = Path(tmp_path)
     tokenizer = tiny_tokenizer()
