@@ -104,7 +104,7 @@ class AdaSPECTrainer(DistillTrainer):
         "arxiv": "2510.19779",
     }
 
-    def __init__(self, model, teacher_model=None, ref_model=None, args: AdaSPECConfig | None = None, **kwargs):
+    def __init__(self, model, teacher_model=None, args: AdaSPECConfig | None = None, *, ref_model=None, **kwargs):
         if ref_model is None:
             raise ValueError(
                 "AdaSPECTrainer needs `ref_model`: the draft's initial model distilled from the target on all tokens "

@@ -269,15 +269,32 @@ class BaseDrafterTrainer(Trainer):
         model: str | PreTrainedModel | nn.Module,
         teacher_model: str | PreTrainedModel | nn.Module | None = None,
         args: BaseDrafterConfig | None = None,
+        *,
         data_collator: Callable | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        compute_metrics: Callable | None = None,
         callbacks=None,
         optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics: Callable | None = None,
         peft_config=None,
         teacher_metadata: TeacherMetadata | str | None = None,
+        model_init=None,
+        compute_loss_func=None,
     ):
+        """Every drafter trainer takes `(model, teacher_model, args)` (TRL's distillation order), then
+        `transformers.Trainer`'s keywords. `compute_metrics` receives the drafter's logits on the eval set (reduce
+        them with `preprocess_logits_for_metrics`); `teacher_metadata` (a `TeacherMetadata` or the folder of
+        recipes/offline_teacher.py) checks an offline teacher's temperature."""
+        if isinstance(teacher_model, TrainingArguments):
+            raise TypeError(f"teacher_model got a {type(teacher_model).__name__}: drafter trainers take "
+                            "(model, teacher_model, args); pass the config as `args=`.")
+        for name, value in (("model_init", model_init), ("compute_loss_func", compute_loss_func)):
+            if value is not None:
+                raise ValueError(f"`{name}` is not supported: a drafter trainer builds its model from `model` and "
+                                 "computes its own loss (override `compute_loss` to change it).")
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         if args is None:
             args = self.config_class(output_dir=f"{(model_id or 'draft').rstrip('/').split('/')[-1]}-{self._name}")
@@ -357,8 +374,11 @@ class BaseDrafterTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         for callback in self.callback_handler.callbacks:  # callbacks that read the trainer (its drafter, target)
             if callable(getattr(callback, "bind", None)) and getattr(callback, "trainer", False) is None:
@@ -546,10 +566,14 @@ class BaseDrafterTrainer(Trainer):
     # ----- evaluation: the loss and the logged metrics, no logits gathered ---------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss; and, for `compute_metrics`, the drafter's logits `[B, T, V]` and the labels."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only or self.compute_metrics is None:
+                return loss.detach(), None, None
+            logits = model(**self.model_inputs(inputs), use_cache=False).logits
+        return loss.detach(), logits, inputs["labels"]
 
     # ----- token-weighted metrics, reduced over processes when logged --------------------------------------------
 

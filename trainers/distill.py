@@ -100,8 +100,8 @@ class DistillTrainer(BaseDrafterTrainer):
         "arxiv": "2310.08461",
     }
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, teacher_model=None, args: DistillConfig | None = None, **kwargs):
+        super().__init__(model, teacher_model, args, **kwargs)
         regenerates = {name: value for name, value in (("lmbda", self.args.lmbda), ("seq_kd", self.args.seq_kd))
                        if value}
         if regenerates and self.offline:

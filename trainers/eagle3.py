@@ -257,7 +257,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
     }
 
     def __init__(self, model: str | Eagle3DraftModel | None = None, teacher_model=None,
-                 args: Eagle3TrainingConfig | None = None, processing_class=None, *,
+                 args: Eagle3TrainingConfig | None = None, *, processing_class=None,
                  teacher_metadata: TeacherMetadata | str | None = None,
                  target_config: PretrainedConfig | str | None = None,
                  target_embedding: nn.Embedding | torch.Tensor | str | None = None, **kwargs):

@@ -150,6 +150,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
         model,
         teacher_model=None,
         args: GuidedDrafterConfig | None = None,
+        *,
         processing_class=None,
         peft_config=None,
         **kwargs,

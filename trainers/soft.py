@@ -184,8 +184,8 @@ class SoFTTrainer(BaseDrafterTrainer):
         "arxiv": "2309.08968",
     }
 
-    def __init__(self, model, args: SoFTConfig | None = None, teacher_model=None, **kwargs):
-        if args is None:
+    def __init__(self, model, teacher_model=None, args: SoFTConfig | None = None, **kwargs):
+        if args is None and not isinstance(teacher_model, SoFTConfig):  # a misplaced config: the base class says so
             raise ValueError("SoFTTrainer needs `args=SoFTConfig(exits=[...], ...)`: there is no default set of exits.")
         super().__init__(model, teacher_model=teacher_model, args=args, **kwargs)
         inner = self.accelerator.unwrap_model(self.model)

@@ -220,7 +220,8 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
 
 
 def test_two_processes_give_the_single_process_update(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE),
+                                                                           str(HERE.parents[1] / "recipes")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)

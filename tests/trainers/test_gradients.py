@@ -25,7 +25,8 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path, name):
 
 
 def test_two_processes_give_the_single_process_update(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(HERE)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(HERE),
+                                                                           str(REPO_ROOT / "recipes")]))
     command = [
         # --standalone lets the rendezvous bind a free port itself (no pick-then-bind race with other jobs).
         sys.executable,

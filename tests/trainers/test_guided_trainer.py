@@ -169,7 +169,8 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
 
 
 def test_two_processes_give_the_single_process_update(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE),
+                                                                           str(HERE.parents[1] / "recipes")]))
     command = [
         sys.executable,
         "-m",
