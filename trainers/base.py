@@ -348,9 +348,11 @@ class BaseDrafterTrainer(Trainer):
             # when they differ in length: each process reads its own shard of the stream instead
             args = copy.copy(args)
             args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
-        if self.offline and args.remove_unused_columns:
+        if (self.offline or args.packing) and args.remove_unused_columns:
+            # the teacher columns are read by the loss, and packed rows' position ids keep their rows apart even for a
+            # model whose forward does not name them: Trainer must not drop either (tokenized rows hold nothing else)
             args = copy.copy(args)  # the caller's config stays as given
-            args.remove_unused_columns = False  # the teacher columns are read by the loss, not by the model
+            args.remove_unused_columns = False
         if self.offline and (args.packing or args.padding_free):
             raise ValueError("Offline teacher datasets are collated row by row: set packing=False and "
                              "padding_free=False.")
