@@ -56,7 +56,7 @@ from .base import (
     load_causal_lm,
     offline_teacher_datasets,
 )
-from .losses import IGNORE_INDEX, normalize_token_loss
+from .losses import IGNORE_INDEX, chunked_token_values, in_backward, normalize_token_loss
 from .offline import STATES_COLUMN, OfflineTeacherCollator, TargetParts, TeacherMetadata
 from .teachers import LiveTeacher, StoredTeacher, StudentVocabulary, Teacher
 
@@ -193,9 +193,10 @@ def ttt_attention_mask(roots: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def ttt_unroll(head: Eagle3DraftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               features: torch.Tensor, ttt_steps: int, pad_token_id: int = 0) -> list[torch.Tensor]:
+               features: torch.Tensor, ttt_steps: int, pad_token_id: int = 0, project: bool = True) -> list[torch.Tensor]:
     """The head's logits `[B, T - 1, V_draft]` at every TTT step (see the module docstring): row t of step i drafts
-    the token at t + 2 + i from the chain rooted at the pair (`features[:, t]`, `input_ids[:, t + 1]`).
+    the token at t + 2 + i from the chain rooted at the pair (`features[:, t]`, `input_ids[:, t + 1]`). With
+    `project=False`, the states its LM head reads `[B, T - 1, H]` instead (the loss projects them chunk by chunk).
 
     `features` is `[B, T, n, H_t]` or `[B, T, n·H_t]` (the target's states at the head's layers). Rows whose token
     would lie past the end read `pad_token_id`; only their own chain sees them."""
@@ -209,9 +210,10 @@ def ttt_unroll(head: Eagle3DraftModel, input_ids: torch.Tensor, attention_mask: 
         tokens = padded[:, 1 + step : 1 + step + rows]
         inputs = {"features": features[:, :rows]} if step == 0 else {"hidden_states": state}
         out = head(input_ids=tokens, attention_mask=ttt_attention_mask(roots, step), position_ids=positions + step,
-                   cache=cache, **inputs)
+                   cache=cache, logits_to_keep=0 if project else 1, **inputs)
         state = out.hidden_states
-        step_logits.append(out.logits)
+        # the LM head reads norm(layer output); the state handed on is already that when the head norms its output
+        step_logits.append(out.logits if project else state if head.config.norm_output else head.norm(state))
     return step_logits
 
 
@@ -453,42 +455,54 @@ class Eagle3Trainer(BaseDrafterTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = self.accelerator.unwrap_model(model)
         features, teacher = self.teacher_outputs(inputs, head)
-        unroll = functools.partial(ttt_unroll, head, ttt_steps=self.args.ttt_steps, pad_token_id=self.pad_token_id)
-        # inside the wrapper's forward: DDP then reduces the gradients of every step's forward once
-        step_logits = call_inside_forward(model, head, unroll, input_ids=inputs["input_ids"],
-                                          attention_mask=inputs["attention_mask"], features=features)
         roots = chain_roots(inputs["attention_mask"])
-        per_token = torch.cat([self.args.ttt_decay**step * self.step_divergence(head, step, logits, teacher,
-                                                                                 inputs["labels"], roots)
-                               for step, logits in enumerate(step_logits)])
+        chunk_size = self.args.loss_chunk_size or inputs["input_ids"].numel()
+
+        def unroll_and_score(input_ids, attention_mask, features):
+            # inside the wrapper's forward: DDP then reduces the gradients of every step's forward once
+            states = ttt_unroll(head, input_ids, attention_mask, features, self.args.ttt_steps, self.pad_token_id,
+                                project=False)
+            scored = []
+            for step, state in enumerate(states):
+                rows = step_targets(inputs["labels"], roots, step)
+                where = rows.nonzero(as_tuple=True)  # (row of the batch, chain root) of every trained draft
+                step_values = functools.partial(self.step_token_values, head=head, teacher=teacher, step=step,
+                                                batch_rows=where[0], targets_at=where[1] + 1 + step)
+                scored.append(chunked_token_values(step_values, state[:, : rows.shape[1]][rows], chunk_size))
+            return scored
+
+        per_step = call_inside_forward(model, head, unroll_and_score, input_ids=inputs["input_ids"],
+                                       attention_mask=inputs["attention_mask"], features=features)
+        per_token = torch.cat([self.args.ttt_decay**step * values["loss"] for step, values in enumerate(per_step)])
         scale = self.loss_scale()
         if num_items_in_batch is None:  # evaluation (or a caller outside Trainer): this batch's own count
             num_items_in_batch, scale = self.count_loss_tokens(inputs).clamp(min=1), 1
         loss = normalize_token_loss(per_token, None, num_items_in_batch, scale)
-        if per_token.numel() == 0:  # keep every parameter in the graph so DDP still synchronises
-            loss = loss + 0.0 * sum(logits.sum() for logits in step_logits)
-        return (loss, step_logits) if return_outputs else loss
+        for values in per_step:
+            self.record_token_values(values)
+        return (loss, per_step) if return_outputs else loss
 
-    def step_divergence(self, head: Eagle3DraftModel, step: int, logits: torch.Tensor,
-                        teacher: Teacher, labels: torch.Tensor,
-                        roots: torch.Tensor) -> torch.Tensor:
-        """The divergence of every trained row of TTT step `step` from the teacher's distribution over the draft
-        vocabulary. Records the step's greedy accuracy `acc_<step>` and, for the first draft token, the expected
-        acceptance Σ min(p, q) of speculative sampling (a target token outside the draft vocabulary counts as a miss
-        in both: the head can never propose it)."""
-        rows = step_targets(labels, roots, step)
+    def step_token_values(self, states: torch.Tensor, chunk: slice, head: Eagle3DraftModel, teacher: Teacher,
+                          step: int, batch_rows: torch.Tensor, targets_at: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One chunk of TTT step `step`'s trained drafts: the divergence of the head (its LM head applied to the
+        chunk's pre-head `states`) from the teacher over the draft vocabulary, zero where the target's argmax is
+        outside it (the head can never propose that token); and the metrics: the step's greedy accuracy
+        `acc_<step>` and, for the first draft token, the draft vocabulary's coverage and the expected acceptance
+        Σ min(p, q) of speculative sampling (a token outside the draft vocabulary is a miss)."""
         vocabulary = StudentVocabulary(head.draft_to_target, head.t2d)
-        teacher = teacher.at((slice(None), slice(1 + step, 1 + step + rows.shape[1])))  # the positions rows draft for
+        logits = head.lm_head(states)
+        teacher = teacher.at((batch_rows[chunk], targets_at[chunk]))  # the positions these drafts predict
         wanted = teacher.argmax()
-        trained = rows & head.t2d[wanted]
-        draft = logits[:, : rows.shape[1]]
-        if rows.any():
-            drafted = head.draft_to_target[draft.detach().argmax(-1)]
-            self.record_metric(f"acc_{step}", (drafted == wanted)[rows].float())
-            if step == 0:
-                self.record_metric("draft_vocab_coverage", trained[rows].float())
-                self.record_metric("expected_acceptance", teacher.at(rows).acceptance(draft.detach()[rows], vocabulary))
-        return teacher.at(trained).divergence(self.divergence_fn, draft[trained], self.args.temperature, vocabulary)
+        trained = head.t2d[wanted]
+        divergence = teacher.divergence(self.divergence_fn, logits, self.args.temperature, vocabulary)
+        values = {"loss": torch.where(trained, divergence, torch.zeros_like(divergence))}
+        if not in_backward():
+            with torch.no_grad():
+                values[f"acc_{step}"] = (head.draft_to_target[logits.argmax(-1)] == wanted).float()
+                if step == 0:
+                    values["draft_vocab_coverage"] = trained.float()
+                    values["expected_acceptance"] = teacher.acceptance(logits, vocabulary)
+        return values
 
     # ----- saving -----------------------------------------------------------------------------------------------------
 

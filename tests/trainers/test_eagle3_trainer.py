@@ -450,3 +450,24 @@ if __name__ == "__main__":  # one SGD step on 2 processes (launched by torchrun 
             "teacher_is_ddp": isinstance(teacher, DistributedDataParallel),
         }
         (out / "facts.json").write_text(json.dumps(facts))
+
+
+@pytest.mark.parametrize("norm_output", [False, True])
+def test_the_chunked_ttt_loss_and_gradients_equal_whole_logits(tmp_path, norm_output):
+    """Every TTT step's LM head runs one checkpointed chunk of drafts at a time; loss and gradients are those of the
+    whole logits (`loss_chunk_size=0`)."""
+    trainer = build_trainer(tmp_path, draft_vocab_size=24)
+    trainer.accelerator.unwrap_model(trainer.model).config.norm_output = norm_output
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    results = []
+    for chunk_size in (0, 5):
+        trainer.args.loss_chunk_size = chunk_size
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(40))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
+    (loss, grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, loss, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(chunked_grads) > 3
+    for grad, chunked_grad in zip(grads, chunked_grads):
+        torch.testing.assert_close(chunked_grad, grad, rtol=1e-4, atol=1e-6)
