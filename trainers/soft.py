@@ -213,9 +213,12 @@ class SoFTTrainer(BaseDrafterTrainer):
             # Runs inside the wrapper's forward (FSDP gathers, DDP tracks); only trained positions reach the head.
             with self.accelerator.autocast():
                 hidden = exit_hidden_states(inner, input_ids, attention_mask, self.args.exits, position_ids)
-                return {e: _head_logits(inner, h[:, :-1][positions]) for e, h in hidden.items()}
+                # A tuple in `exits` order, not a dict keyed by the int exits: DeepSpeed ZeRO-3's post-forward hook
+                # reads a dict output's keys as attribute names (`name.startswith`) and fails on ints.
+                return tuple(_head_logits(inner, hidden[e][:, :-1][positions]) for e in self.args.exits)
 
-        logits = call_inside_forward(model, inner, trained_exit_logits, **self.model_inputs(inputs))
+        exit_outputs = call_inside_forward(model, inner, trained_exit_logits, **self.model_inputs(inputs))
+        logits = dict(zip(self.args.exits, exit_outputs))
         teacher = None
         if self.teacher_model is not None:
             teacher = self.frozen_logits(self.teacher_model, inputs)[:, :-1][positions]
