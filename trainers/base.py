@@ -450,11 +450,42 @@ class BaseDrafterTrainer(Trainer):
             from trl.models import prepare_deepspeed
 
             return prepare_deepspeed(model, self.accelerator)
+        if self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False):
+            return self._fully_shard_frozen(model)
         if self.is_fsdp_enabled:
             from trl.models import prepare_fsdp
 
             return prepare_fsdp(model, self.accelerator)
         return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _fully_shard_frozen(self, model: nn.Module) -> nn.Module:
+        """FSDP2: shard a frozen model the way accelerate shards the drafter — one unit per decoder layer, the
+        embeddings, final norm + LM head, then the root, with the plugin's reshard / offload / mixed-precision settings
+        (and rank 0's weights broadcast under `cpu_ram_efficient_loading`). `trl.models.prepare_fsdp` shards only the
+        root, so every forward would gather the whole teacher on every device at once.
+
+        The plugin's layer classes were resolved on the drafter; a frozen model keeps those it has, else gets its own
+        (`_no_split_modules`), so a teacher of another architecture is still wrapped per layer."""
+        import copy
+        import functools
+
+        from accelerate.utils import fsdp2_prepare_model
+        from accelerate.utils.dataclasses import get_module_class_from_name
+
+        state = self.accelerator.state
+        plugin = state.fsdp_plugin
+        frozen_plugin = copy.copy(plugin)
+        policy = plugin.auto_wrap_policy
+        frozen_plugin.auto_wrap_policy = policy.func if isinstance(policy, functools.partial) else policy
+        names = [n for n in plugin.transformer_cls_names_to_wrap or [] if get_module_class_from_name(model, n)]
+        frozen_plugin.transformer_cls_names_to_wrap = names or None
+        state.fsdp_plugin = frozen_plugin  # read by fsdp2_prepare_model; the drafter's plugin is left as it was
+        try:
+            model = fsdp2_prepare_model(self.accelerator, model)
+        finally:
+            state.fsdp_plugin = plugin
+        model.requires_grad_(False)
+        return model.eval()
 
     # ----- forward helpers ----------------------------------------------------------------------------------------
 

@@ -209,11 +209,13 @@ class SoFTTrainer(BaseDrafterTrainer):
             # a chunk at a time
             with self.accelerator.autocast():
                 hidden = exit_hidden_states(inner, input_ids, attention_mask, self.args.exits, position_ids)
-                return {e: chunked_token_values(
+                # A tuple in `exits` order, not a dict keyed by the int exits: DeepSpeed ZeRO-3's post-forward hook
+                # reads a dict output's keys as attribute names (`name.startswith`) and fails on ints.
+                return tuple(chunked_token_values(
                     functools.partial(self.exit_token_values, targets=targets, teacher=teacher),
-                    h[:, :-1][positions], chunk_size) for e, h in hidden.items()}
+                    hidden[e][:, :-1][positions], chunk_size) for e in self.args.exits)
 
-        values = call_inside_forward(model, inner, exit_values, **self.model_inputs(inputs))
+        values = dict(zip(self.args.exits, call_inside_forward(model, inner, exit_values, **self.model_inputs(inputs))))
         per_token = torch.zeros(targets.shape, device=targets.device, dtype=torch.float32)
         for exit_layer, weight in zip(self.args.exits, self.args.normalized_exit_weights):
             per_token = per_token + weight * values[exit_layer]["loss"]

@@ -41,11 +41,13 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def final_hidden_states(model: nn.Module, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`[B, T, H]`: the hidden states the LM head reads, from the model's own forward (so hooks, adapters and
-    steering apply) with logits kept for the last position only. Called as the class's forward, so it can run in
-    place of the instance's (`call_inside_forward`)."""
-    outputs = type(model).forward(model, **model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return outputs.hidden_states[-1]
+    """`[B, T, H]`: the hidden states the LM head reads — the decoder's output (adapters included), or a model's own
+    `final_hidden_states` (a guided drafter's, steered). The LM head itself does not run: under FSDP2 a head unit
+    called in the forward and again in the loss's recomputed chunks breaks backward."""
+    own = getattr(base_model(model), "final_hidden_states", None)
+    if own is not None:
+        return own(**model_inputs)
+    return base_model(model).get_decoder()(**model_inputs, use_cache=False).last_hidden_state
 
 
 _VERIFIED: dict[type, bool] = {}

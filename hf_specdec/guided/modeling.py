@@ -16,6 +16,7 @@ The drafter's modeling code is not copied: the deltas are added by forward hooks
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from functools import partial
@@ -363,11 +364,7 @@ class GuidedDrafter(PreTrainedModel):
         """The drafter's forward, steered by `guide_states` (see the class docstring). `guide_mask` (`[B, S]`,
         optional) limits steering to some positions (training steers only positions whose prediction is trained,
         as SD² does). The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older)."""
-        # Under gradient checkpointing the layers re-run in backward and must see the same guide, so the state is
-        # then left in place until the next forward replaces it.
-        keep_for_recompute = activation_checkpointing(self) and torch.is_grad_enabled() and self.training
-        self._steering = None if guide_states is None else self._steering_for(guide_states, guide_mask)
-        try:
+        with self._steered(guide_states, guide_mask):
             return self.drafter(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -378,6 +375,25 @@ class GuidedDrafter(PreTrainedModel):
                 labels=labels,
                 **kwargs,
             )
+
+    def final_hidden_states(self, input_ids=None, attention_mask=None, position_ids=None,
+                            guide_states: torch.Tensor | None = None, guide_mask: torch.Tensor | None = None,
+                            **kwargs) -> torch.Tensor:
+        """`[B, S, H]`: the steered drafter's last hidden states (what its LM head reads), without running the head
+        (a training loss projects them a chunk at a time)."""
+        with self._steered(guide_states, guide_mask):
+            return self.drafter.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+
+    @contextlib.contextmanager
+    def _steered(self, guide_states: torch.Tensor | None, guide_mask: torch.Tensor | None):
+        """The hooks steer the drafter with this guide while the block runs."""
+        # Under gradient checkpointing the layers re-run in backward and must see the same guide, so the state is
+        # then left in place until the next forward replaces it.
+        keep_for_recompute = activation_checkpointing(self) and torch.is_grad_enabled() and self.training
+        self._steering = None if guide_states is None else self._steering_for(guide_states, guide_mask)
+        try:
+            yield
         finally:
             if not keep_for_recompute:
                 self._steering = None

@@ -2,23 +2,25 @@
 speculative decoding, the target's embedding stays shared and frozen, the update does not depend on how the batch
 is split (accumulation, processes), the draft vocabulary, the config and its errors. From an offline teacher
 dataset: with every id kept, the same loss, metrics and update as the live target; with few kept, training still
-raises real acceptance with no target anywhere; the recipe runs from a recipes/offline_teacher.py folder.
-
-Run as a script under torchrun (`test_two_processes_give_the_single_process_update` does that), it trains one SGD
-step on two processes and writes the result."""
+raises real acceptance with no target anywhere; the recipe runs from a recipes/offline_teacher.py folder."""
 
 import dataclasses
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny import tiny_corpus, tiny_llama, tiny_tokenizer
-from trainer_test_utils import corpus_dataset, fast_args, flat_weights, peaked_teacher, sgd_args
+from trainer_test_utils import (
+    corpus_dataset,
+    fast_args,
+    flat_weights,
+    launch_two_processes,
+    peaked_teacher,
+    sgd_args,
+)
 from transformers import DynamicCache, TrainingArguments
 
 from hf_specdec.eagle3 import Eagle3DraftModel
@@ -43,9 +45,14 @@ def build_trainer(tmp_path, args_factory=fast_args, model=None, dataset=None, **
     )
 
 
-def one_sgd_step(tmp_path, batch_size, accumulation, **overrides):
-    trainer = build_trainer(tmp_path, sgd_args, per_device_train_batch_size=batch_size,
+def build_sgd(tmp_path, batch_size, accumulation, **overrides):
+    """The trainer of one SGD step (lr 1), untrained; also the builder the two-process test's worker calls."""
+    return build_trainer(tmp_path, sgd_args, per_device_train_batch_size=batch_size,
                             gradient_accumulation_steps=accumulation, **overrides)
+
+
+def one_sgd_step(tmp_path, batch_size, accumulation, **overrides):
+    trainer = build_sgd(tmp_path, batch_size, accumulation, **overrides)
     trainer.train()
     return trainer, flat_weights(trainer)
 
@@ -220,16 +227,11 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
 
 
 def test_two_processes_give_the_single_process_update(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE),
-                                                                           str(HERE.parents[1] / "recipes")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    facts = json.loads((tmp_path / "facts.json").read_text())
-    assert facts == {"world_size": 2, "head_is_ddp": True, "teacher_frozen": True, "teacher_is_ddp": False}
+    facts = launch_two_processes(tmp_path, {"eagle3": {"builder": f"{Path(__file__).stem}:build_sgd"}})["eagle3"]
+    assert facts["world_size"] == 2 and facts["student"]["wrapper"] == "ddp"  # the head is DDP-wrapped
+    assert facts["frozen"]["teacher_model"]["wrapper"] == "none" and facts["frozen"]["teacher_model"]["frozen"]
     _, single = one_sgd_step(tmp_path / "single", batch_size=8, accumulation=1)
-    assert torch.allclose(torch.load(tmp_path / "eagle3.pt"), single, atol=1e-6)
+    assert torch.allclose(facts["weights"], single, atol=1e-6)
 
 
 # ----- the recipe -------------------------------------------------------------------------------------------------
@@ -432,24 +434,6 @@ def test_configuration_errors(tmp_path):
         Eagle3Trainer(teacher_model=target, processing_class=tiny_tokenizer(),
                       args=fast_args(Eagle3TrainingConfig, tmp_path, aux_hidden_state_layer_ids=LAYERS,
                                      draft_vocab_size=8))
-
-
-if __name__ == "__main__":  # one SGD step on 2 processes (launched by torchrun from the test above)
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    out = Path(sys.argv[1])
-    trainer = one_sgd_step(out / "ddp", batch_size=2, accumulation=2, ddp_backend="gloo", use_cpu=True)[0]
-    if torch.distributed.get_rank() == 0:
-        teacher = trainer.teacher_model
-        torch.save(flat_weights(trainer), out / "eagle3.pt")
-        facts = {
-            "world_size": trainer.args.world_size,
-            "head_is_ddp": isinstance(trainer.model_wrapped, DistributedDataParallel),
-            "teacher_frozen": not teacher.training and not any(p.requires_grad for p in teacher.parameters()),
-            "teacher_is_ddp": isinstance(teacher, DistributedDataParallel),
-        }
-        (out / "facts.json").write_text(json.dumps(facts))
 
 
 @pytest.mark.parametrize("norm_output", [False, True])

@@ -1,18 +1,9 @@
 """The update of one optimizer step must not depend on how the batch is split: into gradient-accumulation
 micro-batches (GA=1 vs GA=4) or over processes (1 vs 2, DDP with gloo on CPU)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from trainer_test_utils import run_one_sgd_step
-
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
+from trainer_test_utils import launch_two_processes, run_one_sgd_step
 
 
 @pytest.mark.parametrize("name", ["distill", "soft"])
@@ -25,24 +16,12 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path, name):
 
 
 def test_two_processes_give_the_single_process_update(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(HERE),
-                                                                           str(REPO_ROOT / "recipes")]))
-    command = [
-        # --standalone lets the rendezvous bind a free port itself (no pick-then-bind race with other jobs).
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(HERE / "ddp_worker.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    facts = json.loads((tmp_path / "facts.json").read_text())
-    for name in ("distill", "soft"):
-        assert facts[name]["world_size"] == 2 and facts[name]["student_is_ddp"]
-        assert not facts[name]["teacher_is_ddp"] and facts[name]["teacher_frozen"]  # placed, never DDP-wrapped
+    """DDP under torchrun: the student DDP-wrapped, the teacher placed on the device and never DDP-wrapped."""
+    cases = {name: {"builder": "trainer_test_utils:build_sgd_trainer", "kwargs": {"name": name}}
+             for name in ("distill", "soft")}
+    results = launch_two_processes(tmp_path, cases)
+    for name, facts in results.items():
+        assert facts["world_size"] == 2 and facts["student"]["wrapper"] == "ddp", name
+        assert all(f["wrapper"] == "none" and f["frozen"] for f in facts["frozen"].values()), name
         _, single = run_one_sgd_step(name, tmp_path / f"single-{name}", batch_size=8, accumulation=1)
-        assert torch.allclose(torch.load(tmp_path / f"{name}.pt"), single, atol=1e-6), name
+        assert torch.allclose(facts["weights"], single, atol=1e-6), name
