@@ -27,6 +27,7 @@ from .losses import (
     IGNORE_INDEX,
     chunked_token_values,
     get_divergence,
+    in_backward,
     supervised_positions,
 )
 from .offline import OfflineTeacherCollator, TeacherMetadata, is_offline_teacher
@@ -548,6 +549,20 @@ class BaseDrafterTrainer(Trainer):
         if self.offline:
             return StoredTeacher.from_batch(inputs, positions, self.args.temperature), None
         return self.frozen_forward(self.teacher_model, inputs, positions, output_hidden_states)
+
+    def distillation_token_values(self, student_logits: torch.Tensor, teacher, divergence_fn=None
+                                  ) -> dict[str, torch.Tensor]:
+        """One chunk of distillation: the per-token `loss` (the divergence of the student's logits from the teacher
+        at the same tokens) and its metrics — `divergence`, `expected_acceptance`, `top1_agreement` — which are
+        skipped while backward recomputes the chunk."""
+        divergence = teacher.divergence(divergence_fn or self.divergence_fn, student_logits, self.args.temperature)
+        values = {"loss": divergence}
+        if not in_backward():
+            with torch.no_grad():
+                values["divergence"] = divergence.detach()
+                values["expected_acceptance"] = teacher.acceptance(student_logits)
+                values["top1_agreement"] = (student_logits.argmax(-1) == teacher.argmax()).float()
+        return values
 
     def record_token_values(self, values: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Record every per-token metric of `values` (everything but the differentiated `loss`)."""

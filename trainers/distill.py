@@ -223,19 +223,12 @@ class DistillTrainer(BaseDrafterTrainer):
                      use_ce: bool) -> dict[str, torch.Tensor]:
         """Per-token values of one chunk of trained tokens (`rows`): the differentiated `loss` and the metrics
         (skipped while backward recomputes the chunk)."""
-        teacher = frozen["teacher"].at(rows)
-        divergence = teacher.divergence(self.divergence, student, self.args.temperature)
-        values = {"loss": divergence}
+        values = self.distillation_token_values(student, frozen["teacher"].at(rows), self.divergence)
         if use_ce:
             cross_entropy = token_cross_entropy(student, targets[rows])
-            values["loss"] = divergence + self.args.ce_weight * cross_entropy
-        if not in_backward():
-            with torch.no_grad():
-                values["divergence"] = divergence.detach()
-                values["expected_acceptance"] = teacher.acceptance(student)
-                values["top1_agreement"] = (student.argmax(-1) == teacher.argmax()).float()
-                if use_ce:
-                    values["ce"] = cross_entropy.detach()
+            values["loss"] = values["loss"] + self.args.ce_weight * cross_entropy
+            if not in_backward():
+                values["ce"] = cross_entropy.detach()
         return values
 
     def select_tokens(self, inputs: dict[str, Any], positions: torch.Tensor,

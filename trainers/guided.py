@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from hf_specdec.guided import GUIDE_METHODS, GuidedDrafter, check_verifier_layers
 
 from .base import BaseDrafterConfig, BaseDrafterTrainer, load_causal_lm
-from .losses import in_backward, normalize_token_loss
+from .losses import normalize_token_loss
 from .offline import STATES_COLUMN
 
 STALENESS_MODES = ("offset", "blocked")
@@ -260,14 +260,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
         )
 
         def token_values(student: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
-            chunk_teacher = teacher.at(rows)
-            values = {"loss": chunk_teacher.divergence(self.divergence_fn, student, self.args.temperature)}
-            if not in_backward():
-                with torch.no_grad():
-                    values["divergence"] = values["loss"].detach()
-                    values["expected_acceptance"] = chunk_teacher.acceptance(student)
-                    values["top1_agreement"] = (student.argmax(-1) == chunk_teacher.argmax()).float()
-            return values
+            return self.distillation_token_values(student, teacher.at(rows))
 
         values = self.student_token_values(model, inputs, positions, token_values,
                                            guide_states=guide_states[:, source], guide_mask=F.pad(positions, (0, 1)))

@@ -234,14 +234,7 @@ class SoFTTrainer(BaseDrafterTrainer):
                 values["ce"] = values["loss"].detach()
                 values["accuracy"] = (logits.detach().argmax(-1) == targets[rows]).float()
             return values
-        teacher = teacher.at(rows)
-        values = {"loss": teacher.divergence(self.divergence_fn, logits, self.args.temperature)}
-        if not in_backward():
-            with torch.no_grad():
-                values["divergence"] = values["loss"].detach()
-                values["expected_acceptance"] = teacher.acceptance(logits)
-                values["top1_agreement"] = (logits.argmax(-1) == teacher.argmax()).float()
-        return values
+        return self.distillation_token_values(logits, teacher.at(rows))
 
     def model_card_summary(self) -> dict[str, Any]:
         summary = {"exits": self.args.exits, "exit weights": [round(w, 4) for w in self.args.normalized_exit_weights]}
