@@ -497,17 +497,19 @@ class BaseDrafterTrainer(Trainer):
         return {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
 
     @torch.no_grad()
-    def frozen_forward(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+    def frozen_forward(self, frozen_model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor | None,
                        output_hidden_states: bool = False) -> tuple[LiveTeacher, tuple[torch.Tensor, ...] | None]:
         """One forward of a frozen model (teacher, reference): its next-token distribution at the trained
         `positions` [B, T-1] as a `LiveTeacher` (hidden states projected chunk by chunk where the model's head can
-        run outside its forward; logits in the model's dtype where it is sharded or unchunkable) and, when asked,
-        all its `hidden_states` [B, T, H] (what guided drafters and EAGLE-3 heads read)."""
+        run outside its forward; logits in the model's dtype where it is sharded or unchunkable; `positions=None`:
+        the logits `[B, T, V]` at every position) and, when asked, all its `hidden_states` [B, T, H] (what guided
+        drafters and EAGLE-3 heads read)."""
         frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
         inner = self.accelerator.unwrap_model(frozen_model)
         model_inputs = self.model_inputs(inputs)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head is gathered inside forward only
-        chunked = self.args.loss_chunk_size > 0 and not sharded and verify_lm_head_path(inner, model_inputs)
+        chunked = (positions is not None and self.args.loss_chunk_size > 0 and not sharded
+                   and verify_lm_head_path(inner, model_inputs))
         if chunked:
             outputs = base_model(inner).get_decoder()(**model_inputs, use_cache=False,
                                                        output_hidden_states=output_hidden_states)
@@ -517,7 +519,8 @@ class BaseDrafterTrainer(Trainer):
 
         def logits_at_positions(**kwargs):  # inside the wrapper's forward: the sharded head is gathered there
             outputs = type(inner).forward(inner, **kwargs, use_cache=False, output_hidden_states=output_hidden_states)
-            return outputs.logits[:, :-1][positions], outputs.hidden_states
+            logits = outputs.logits if positions is None else outputs.logits[:, :-1][positions]
+            return logits, outputs.hidden_states
 
         logits, hidden_states = call_inside_forward(frozen_model, inner, logits_at_positions, **model_inputs)
         return LiveTeacher(logits=logits), hidden_states if output_hidden_states else None

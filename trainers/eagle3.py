@@ -439,14 +439,12 @@ class Eagle3Trainer(BaseDrafterTrainer):
         logits, features = self.target_outputs(inputs, head)
         return features, LiveTeacher(logits=logits)
 
-    @torch.no_grad()
     def target_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
-        """The target's logits `[B, T, V]` and the head's features `[B, T, n, H_t]`, from one forward."""
-        self.teacher_model.eval()
-        outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     output_hidden_states=True, use_cache=False)
-        features = torch.stack([outputs.hidden_states[k] for k in head.config.aux_hidden_state_layer_ids], dim=-2)
-        return outputs.logits, features
+        """The target's logits `[B, T, V]` (every position: TTT step i reads them i positions on) and the head's
+        features `[B, T, n, H_t]`, from one forward."""
+        teacher, hidden_states = self.frozen_forward(self.teacher_model, inputs, None, output_hidden_states=True)
+        features = torch.stack([hidden_states[k] for k in head.config.aux_hidden_state_layer_ids], dim=-2)
+        return teacher.values(), features
 
     def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Trained rows of TTT step 0: the normaliser of every step's sum."""
