@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from .distill import DistillConfig, DistillTrainer
-from .losses import forward_kl, in_backward, supervised_positions
+from .losses import forward_kl, supervised_positions
 from .teachers import LiveTeacher, Teacher
 
 THRESHOLD_SCOPES = ("micro_batch", "accumulation_window")
@@ -127,11 +127,8 @@ class AdaSPECTrainer(DistillTrainer):
             frozen["ref"] = self.frozen_forward(self.ref_model, inputs, positions)[0]
         return frozen
 
-    def token_values(self, student, rows, frozen, targets, use_ce):
-        values = super().token_values(student, rows, frozen, targets, use_ce)
-        if "ref" in frozen and not in_backward():
-            values["delta_loss"] = self.token_delta(student, frozen["teacher"].at(rows), frozen["ref"].at(rows))
-        return values
+    def selection_values(self, student, teacher, frozen, rows):
+        return {"delta_loss": self.token_delta(student, teacher, frozen["ref"].at(rows))} if "ref" in frozen else {}
 
     def token_delta(self, student_logits: torch.Tensor, teacher: Teacher, ref: LiveTeacher) -> torch.Tensor:
         """ΔL per trained token: forward KL of the (detached) draft minus that of the reference."""

@@ -261,6 +261,7 @@ class BaseDrafterTrainer(Trainer):
     requires_teacher = False
     offline_teacher_replaces_model = True  # False where `teacher_model` still gives parts of the target (EAGLE-3)
     supports_packing = True  # False where a trainer needs one sequence per row (see `BaseDrafterConfig.packing`)
+    logits_for_metrics = True  # False where the model's logits need more than a batch's tokens (`compute_metrics`)
     _tag_names: tuple[str, ...] = ("hf-specdec", "speculative-decoding", "draft-model")
     _name = "Drafter"
     _paper: ClassVar[dict[str, str] | None] = None  # {"title", "arxiv"} for the model card
@@ -292,6 +293,10 @@ class BaseDrafterTrainer(Trainer):
         if isinstance(teacher_model, TrainingArguments):
             raise TypeError(f"teacher_model got a {type(teacher_model).__name__}: drafter trainers take "
                             "(model, teacher_model, args); pass the config as `args=`.")
+        if compute_metrics is not None and not self.logits_for_metrics:
+            raise ValueError(f"{type(self).__name__} does not support `compute_metrics`: its model's logits depend on "
+                             "inputs a batch does not hold (the target's states). Log what you need from a callback "
+                             "(e.g. trainers.SpeculativeDecodingCallback).")
         for name, value in (("model_init", model_init), ("compute_loss_func", compute_loss_func)):
             if value is not None:
                 raise ValueError(f"`{name}` is not supported: a drafter trainer builds its model from `model` and "
@@ -321,6 +326,9 @@ class BaseDrafterTrainer(Trainer):
             )
         if isinstance(teacher_metadata, (str, os.PathLike)):
             teacher_metadata = TeacherMetadata.load(teacher_metadata)
+        self.teacher_metadata = teacher_metadata if self.offline else None
+        # the stored teacher's vocabulary (its LM head may be padded to another size than the student's)
+        self.stored_vocab_size = teacher_metadata.vocab_size if self.teacher_metadata is not None else None
         if teacher_metadata is not None and self.offline and teacher_metadata.temperature != args.temperature:
             raise ValueError(f"The teacher's distributions are stored at temperature {teacher_metadata.temperature}; "
                              f"set args.temperature to it (it is {args.temperature}).")
@@ -436,9 +444,13 @@ class BaseDrafterTrainer(Trainer):
         if is_offline_teacher(getattr(dataset, "column_names", None)):
             # stored rows are tokenized already, and rewriting them would copy every stored value: rows with nothing
             # to train are dropped through an index over `labels`, rows are cut by the collator, and read as arrays
-            trained = dataset.filter(lambda labels: has_trained_token({"labels": labels}), input_columns="labels",
-                                     num_proc=args.dataset_num_proc, desc="Dropping rows with no trained token")
-            return trained.with_format("numpy")
+            def trained(labels):
+                return has_trained_token({"labels": labels})
+
+            if _is_iterable_dataset(dataset):  # a stream: filtered lazily, row by row
+                return dataset.filter(trained, input_columns="labels").with_format("numpy")
+            return dataset.filter(trained, input_columns="labels", num_proc=args.dataset_num_proc,
+                                  desc="Dropping rows with no trained token").with_format("numpy")
         return prepare_dataset(dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc,
                                packing=args.packing)
 
@@ -505,6 +517,10 @@ class BaseDrafterTrainer(Trainer):
         the logits `[B, T, V]` at every position) and, when asked, all its `hidden_states` [B, T, H] (what guided
         drafters and EAGLE-3 heads read)."""
         frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
+        with self.accelerator.autocast():  # the mixed precision accelerate's wrapped forward would have used
+            return self._frozen_forward(frozen_model, inputs, positions, output_hidden_states)
+
+    def _frozen_forward(self, frozen_model, inputs, positions, output_hidden_states):
         inner = self.accelerator.unwrap_model(frozen_model)
         model_inputs = self.model_inputs(inputs)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head is gathered inside forward only
@@ -550,7 +566,7 @@ class BaseDrafterTrainer(Trainer):
         """The teacher at the trained positions: the stored one of an offline teacher batch, or one forward of
         `teacher_model` (and its hidden states, when asked; an offline batch gives None)."""
         if self.offline:
-            return StoredTeacher.from_batch(inputs, positions, self.args.temperature), None
+            return StoredTeacher.from_batch(inputs, positions, self.args.temperature, self.stored_vocab_size), None
         return self.frozen_forward(self.teacher_model, inputs, positions, output_hidden_states)
 
     def distillation_token_values(self, student_logits: torch.Tensor, teacher, divergence_fn=None
@@ -558,6 +574,7 @@ class BaseDrafterTrainer(Trainer):
         """One chunk of distillation: the per-token `loss` (the divergence of the student's logits from the teacher
         at the same tokens) and its metrics — `divergence`, `expected_acceptance`, `top1_agreement` — which are
         skipped while backward recomputes the chunk."""
+        teacher = teacher.materialized()  # a live teacher's chunk is projected once, read three times
         divergence = teacher.divergence(divergence_fn or self.divergence_fn, student_logits, self.args.temperature)
         values = {"loss": divergence}
         if not in_backward():

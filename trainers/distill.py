@@ -223,13 +223,21 @@ class DistillTrainer(BaseDrafterTrainer):
                      use_ce: bool) -> dict[str, torch.Tensor]:
         """Per-token values of one chunk of trained tokens (`rows`): the differentiated `loss` and the metrics
         (skipped while backward recomputes the chunk)."""
-        values = self.distillation_token_values(student, frozen["teacher"].at(rows), self.divergence)
+        teacher = frozen["teacher"].at(rows).materialized()  # projected once for this chunk
+        values = self.distillation_token_values(student, teacher, self.divergence)
+        if not in_backward():
+            values.update(self.selection_values(student, teacher, frozen, rows))
         if use_ce:
             cross_entropy = token_cross_entropy(student, targets[rows])
             values["loss"] = values["loss"] + self.args.ce_weight * cross_entropy
             if not in_backward():
                 values["ce"] = cross_entropy.detach()
         return values
+
+    def selection_values(self, student: torch.Tensor, teacher: Teacher, frozen: dict[str, Teacher],
+                         rows: slice) -> dict[str, torch.Tensor]:
+        """Hook: per-token values of one chunk that `select_tokens` reads (not differentiated)."""
+        return {}
 
     def select_tokens(self, inputs: dict[str, Any], positions: torch.Tensor,
                       values: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -251,6 +251,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
     requires_teacher = False  # checked here: a target to run, or an offline teacher dataset
     supports_packing = False  # the training-time-test unroll builds its chains row by row
     offline_teacher_replaces_model = False  # with an offline teacher, `teacher_model` gives the config and embedding
+    logits_for_metrics = False  # the head reads the target's states
     _tag_names = (*BaseDrafterTrainer._tag_names, "eagle3")
     _name = "EAGLE-3"
     _paper: ClassVar[dict[str, str]] = {

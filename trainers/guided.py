@@ -138,6 +138,7 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
     requires_teacher = True
     supports_packing = False  # the guide reads the target state of earlier positions of the same row
     offline_teacher_replaces_model = False  # with an offline teacher, `teacher_model` gives the target's config
+    logits_for_metrics = False  # steered by the target's states
     _tag_names = (*BaseDrafterTrainer._tag_names, "guided-drafter", "sd2")
     _name = "SD2-guided"
     _paper: ClassVar[dict[str, str]] = {
@@ -244,10 +245,13 @@ class GuidedDrafterTrainer(BaseDrafterTrainer):
             return guided.guide_states_from_hidden_states(hidden_states)
         stored = inputs.get(STATES_COLUMN)
         layers = guided.config.verifier_layers
-        if stored is None or stored.shape[-1] % len(layers):
+        width = len(layers) * guided.config.verifier_hidden_size
+        stored_layers = self.teacher_metadata.state_layers if self.teacher_metadata is not None else layers
+        if stored is None or stored.shape[-1] != width or list(stored_layers or []) != list(layers):
             raise ValueError(f"The offline teacher dataset holds no target states for the guide's verifier_layers "
-                             f"{layers}: write it with recipes/offline_teacher.py --state_layers "
-                             f"{' '.join(map(str, layers))}.")
+                             f"{layers} ({width} values per token; stored: layers {stored_layers}, "
+                             f"{None if stored is None else stored.shape[-1]} values): write it with "
+                             f"recipes/offline_teacher.py --state_layers {' '.join(map(str, layers))}.")
         return stored.unflatten(-1, (len(layers), -1)).to(guided.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -15,6 +15,7 @@ vocabulary). The helpers below produce the hidden states and logits both teacher
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,25 +51,26 @@ def final_hidden_states(model: nn.Module, model_inputs: dict[str, torch.Tensor])
     return base_model(model).get_decoder()(**model_inputs, use_cache=False).last_hidden_state
 
 
-_VERIFIED: dict[type, bool] = {}
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def verify_lm_head_path(model: nn.Module, model_inputs: dict[str, torch.Tensor]) -> bool:
     """Whether `lm_head_logits(final_hidden_states(...))` reproduces the model's logits (checked once per model
-    class on a few tokens): models that scale or post-process their logits in other ways do not, and are then
-    trained on their whole logits instead (same loss, more memory)."""
-    kind = type(base_model(model))
+    instance on a few tokens: whether it does can depend on the config, e.g. Granite's `logits_scaling`): models
+    that scale or post-process their logits in other ways do not, and are then trained on their whole logits instead
+    (same loss, more memory)."""
+    kind = base_model(model)
     if kind not in _VERIFIED:
         few = {key: value[:1, :8] if torch.is_tensor(value) and value.dim() >= 2 else value
                for key, value in model_inputs.items()}
         outputs = type(model).forward(model, **few, output_hidden_states=True, use_cache=False)
-        projected = lm_head_logits(model, outputs.hidden_states[-1])
+        projected = lm_head_logits(model, final_hidden_states(model, few))
         _VERIFIED[kind] = torch.allclose(projected.float(), outputs.logits.float(), rtol=1e-3, atol=1e-3)
         if not _VERIFIED[kind]:
             import warnings
 
-            warnings.warn(f"{kind.__name__}'s logits are not its LM head applied to its last hidden state, so its "
+            warnings.warn(f"{type(kind).__name__}'s logits are not its LM head applied to its last hidden state, so its "
                           "loss is computed from whole logits, not in chunks (the same loss, with the memory of "
                           "full [tokens, vocabulary] logits).", stacklevel=3)
     return _VERIFIED[kind]
@@ -108,6 +110,10 @@ class LiveTeacher:
             return LiveTeacher(logits=self.logits[index])
         return LiveTeacher(hidden=self.hidden[index], project=self.project)
 
+    def materialized(self) -> LiveTeacher:
+        """The same teacher holding its logits (projected once, for a chunk that reads them several times)."""
+        return self if self.logits is not None else LiveTeacher(logits=self.values())
+
     def values(self) -> torch.Tensor:
         """The logits, projected now if held as hidden states (no grad: the teacher is frozen)."""
         if self.logits is not None:
@@ -144,19 +150,27 @@ class StoredTeacher:
     top_logprobs: torch.Tensor
     tail_logprob: torch.Tensor
     temperature: float
+    vocab_size: int | None = None  # the teacher's: a student's (padded) rows past it are cut, as a live teacher's are
 
     @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor], positions: torch.Tensor, temperature: float) -> StoredTeacher:
+    def from_batch(cls, batch: dict[str, torch.Tensor], positions: torch.Tensor, temperature: float,
+                   vocab_size: int | None = None) -> StoredTeacher:
         """At the trained positions `[B, T-1]` of a batch collated by `OfflineTeacherCollator`."""
         return cls(batch["teacher_top_ids"][:, :-1][positions], batch["teacher_top_logprobs"][:, :-1][positions],
-                   batch["teacher_tail_logprob"][:, :-1][positions], temperature)
+                   batch["teacher_tail_logprob"][:, :-1][positions], temperature, vocab_size)
 
     def at(self, index) -> StoredTeacher:
         return StoredTeacher(self.top_ids[index], self.top_logprobs[index], self.tail_logprob[index],
-                             self.temperature)
+                             self.temperature, self.vocab_size)
+
+    def materialized(self) -> StoredTeacher:
+        return self
 
     def argmax(self) -> torch.Tensor:
         return self.top_ids[..., 0]
+
+    def _shared(self, student_logits: torch.Tensor) -> torch.Tensor:
+        return student_logits[..., : self.vocab_size] if self.vocab_size else student_logits
 
     def _columns(self, student_logits: torch.Tensor, vocabulary: StudentVocabulary | None):
         if vocabulary is not None:
@@ -167,10 +181,9 @@ class StoredTeacher:
     def divergence(self, divergence_fn, student_logits: torch.Tensor, temperature: float,
                    vocabulary: StudentVocabulary | None = None) -> torch.Tensor:
         """Between the coarse distributions over the kept ids the student can express and one bucket for the rest
-        (`trainers.offline`); at k = V, the live divergence."""
-        if temperature != self.temperature:
-            raise ValueError(f"The teacher's distributions are stored at temperature {self.temperature}; set the "
-                             f"config's `temperature` to it (it is {temperature}).")
+        (`trainers.offline`); at k = V, the live divergence. The trainers check `temperature` against the stored one
+        (`teacher_metadata`)."""
+        student_logits = student_logits if vocabulary is not None else self._shared(student_logits)
         columns, expressible = self._columns(student_logits, vocabulary)
         teacher, student = coarse_log_probs(student_logits.float() / temperature, columns, self.top_logprobs,
                                             self.tail_logprob, expressible)
@@ -179,6 +192,7 @@ class StoredTeacher:
     def acceptance(self, student_logits: torch.Tensor, vocabulary: StudentVocabulary | None = None) -> torch.Tensor:
         """Σ min(p, q) over the kept ids only, at the stored temperature: the tail's share is not stored, so this
         is a lower bound, exact when nothing is cut."""
+        student_logits = student_logits if vocabulary is not None else self._shared(student_logits)
         kept, _ = coarse_student_log_probs(student_logits.float() / self.temperature,
                                            *self._columns(student_logits, vocabulary))
         return torch.minimum(self.top_logprobs.float().exp(), kept.exp()).sum(-1)  # q = 0 outside the vocabulary

@@ -40,10 +40,13 @@ CASES = {
 }
 
 
-def build(case: str, tmp_path, train_dataset=None, offline: bool = False, teacher_metadata=None, **overrides):
+def build(case: str, tmp_path, train_dataset=None, offline: bool = False, teacher_metadata=None, compute_metrics=None,
+          **overrides):
     trainer_class, config_class, settings = CASES[case]
     tokenizer = tiny_tokenizer()
     kwargs = {"teacher_metadata": teacher_metadata} if teacher_metadata else {}
+    if compute_metrics is not None:
+        kwargs["compute_metrics"] = compute_metrics
     if (not offline and case != "soft-labels") or case == "guided":  # offline, guided reads the target's config
         kwargs["teacher_model"] = peaked_teacher(tokenizer)
     if trainer_class is AdaSPECTrainer:
@@ -198,3 +201,58 @@ def test_offline_teacher_errors_name_what_to_change(tmp_path):
     with pytest.raises(ValueError, match="no target states"):
         guided = build("guided", tmp_path / "g", train_dataset=data, offline=True)
         loss_and_grads(guided, *first_window(guided), chunk_size=7)
+
+
+def test_the_head_check_is_per_model_not_per_class(tmp_path):
+    """Whether logits are the LM head on the last state can depend on the config (Granite's `logits_scaling`): a
+    teacher of the same class that passes must not vouch for a student that does not."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    def granite(scaling, seed):
+        torch.manual_seed(seed)
+        return GraniteForCausalLM(GraniteConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                logits_scaling=scaling, pad_token_id=0))
+
+    tokenizer = tiny_tokenizer()
+    trainer = DistillTrainer(granite(4.0, 0), granite(1.0, 1), fast_args(DistillConfig, tmp_path, lmbda=0.0),
+                             train_dataset=corpus_dataset(8), processing_class=tokenizer)
+    batch, num_items = first_window(trainer)
+    with pytest.warns(UserWarning, match="not its LM head"):  # the student; the teacher (scaling 1) passes
+        chunked, chunked_grads = loss_and_grads(trainer, batch, num_items, chunk_size=7)
+    unchunked, grads = loss_and_grads(trainer, batch, num_items, chunk_size=0)
+    torch.testing.assert_close(chunked, unchunked)
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_a_student_with_a_bigger_head_than_the_stored_teacher_is_cut_to_its_vocabulary(tmp_path, divergence):
+    """A live teacher's loss compares the models on their shared vocabulary; so must a stored one (the student's
+    padded rows past the teacher's vocabulary are not a tail)."""
+    data = offline_dataset()
+    tokenizer = tiny_tokenizer()
+    student = tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer, vocab_size=40)
+    args = fast_args(DistillConfig, tmp_path, lmbda=0.0, divergence=divergence)
+    offline = DistillTrainer(student, args=args, train_dataset=data, processing_class=tokenizer,
+                             teacher_metadata=TeacherMetadata(None, 32, 1.0, None, 32))
+    batch, num_items = first_window(offline)
+    loss, _ = loss_and_grads(offline, batch, num_items, chunk_size=7)
+    live = DistillTrainer(student, peaked_teacher(tokenizer), args, train_dataset=corpus_dataset(8, seed=7),
+                          processing_class=tokenizer)
+    live_batch, _ = first_window(live)
+    live_loss, _ = loss_and_grads(live, live_batch, num_items, chunk_size=7)
+    torch.testing.assert_close(loss, live_loss, rtol=2e-2, atol=1e-3)  # the stored log-probabilities are bf16
+
+
+def test_offline_teachers_stream_and_guided_checks_its_stored_layers(tmp_path):
+    data = offline_dataset(state_layers=[0, 1])
+    streamed = build("distill-forward_kl", tmp_path / "s", train_dataset=data.to_iterable_dataset(), offline=True)
+    streamed.train()  # max_steps=2
+    assert streamed.state.global_step == 2
+    with pytest.raises(ValueError, match=r"stored: layers \[0, 1\]"):
+        guided = build("guided", tmp_path / "g", train_dataset=data, offline=True,
+                       teacher_metadata=TeacherMetadata(None, 32, 1.0, [0, 1], 32))
+        loss_and_grads(guided, *first_window(guided), chunk_size=7)
+    with pytest.raises(ValueError, match="does not support `compute_metrics`"):
+        build("guided", tmp_path / "m", compute_metrics=lambda prediction: {})
