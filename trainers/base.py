@@ -514,8 +514,8 @@ class BaseDrafterTrainer(Trainer):
         """One forward of a frozen model (teacher, reference): its next-token distribution at the trained
         `positions` [B, T-1] as a `LiveTeacher` (hidden states projected chunk by chunk where the model's head can
         run outside its forward; logits in the model's dtype where it is sharded or unchunkable; `positions=None`:
-        the logits `[B, T, V]` at every position) and, when asked, all its `hidden_states` [B, T, H] (what guided
-        drafters and EAGLE-3 heads read)."""
+        every position, `[B, T, ...]`) and, when asked, all its `hidden_states` [B, T, H] (what guided drafters and
+        EAGLE-3 heads read)."""
         frozen_model.eval()  # re-asserted: callbacks or user code may have flipped it
         with self.accelerator.autocast():  # the mixed precision accelerate's wrapped forward would have used
             return self._frozen_forward(frozen_model, inputs, positions, output_hidden_states)
@@ -524,12 +524,12 @@ class BaseDrafterTrainer(Trainer):
         inner = self.accelerator.unwrap_model(frozen_model)
         model_inputs = self.model_inputs(inputs)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # the head is gathered inside forward only
-        chunked = (positions is not None and self.args.loss_chunk_size > 0 and not sharded
-                   and verify_lm_head_path(inner, model_inputs))
+        chunked = self.args.loss_chunk_size > 0 and not sharded and verify_lm_head_path(inner, model_inputs)
         if chunked:
             outputs = base_model(inner).get_decoder()(**model_inputs, use_cache=False,
                                                        output_hidden_states=output_hidden_states)
-            hidden = outputs.last_hidden_state[:, :-1][positions]
+            hidden = outputs.last_hidden_state
+            hidden = hidden if positions is None else hidden[:, :-1][positions]
             teacher = LiveTeacher(hidden=hidden, project=functools.partial(lm_head_logits, inner))
             return teacher, outputs.hidden_states if output_hidden_states else None
 

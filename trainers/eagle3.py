@@ -58,7 +58,7 @@ from .base import (
 )
 from .losses import IGNORE_INDEX, chunked_token_values, in_backward, normalize_token_loss
 from .offline import STATES_COLUMN, OfflineTeacherCollator, TargetParts, TeacherMetadata
-from .teachers import LiveTeacher, StoredTeacher, StudentVocabulary, Teacher
+from .teachers import StoredTeacher, StudentVocabulary, Teacher
 
 
 @dataclass
@@ -437,15 +437,15 @@ class Eagle3Trainer(BaseDrafterTrainer):
             teacher = StoredTeacher(inputs["teacher_top_ids"], inputs["teacher_top_logprobs"],
                                     inputs["teacher_tail_logprob"], self.args.temperature)
             return inputs[STATES_COLUMN], teacher
-        logits, features = self.target_outputs(inputs, head)
-        return features, LiveTeacher(logits=logits)
+        teacher, features = self.target_outputs(inputs, head)
+        return features, teacher
 
     def target_outputs(self, inputs: dict[str, torch.Tensor], head: Eagle3DraftModel):
-        """The target's logits `[B, T, V]` (every position: TTT step i reads them i positions on) and the head's
-        features `[B, T, n, H_t]`, from one forward."""
+        """The target as a `LiveTeacher` at every position `[B, T, ...]` (TTT step i reads it i positions on;
+        projected chunk by chunk) and the head's features `[B, T, n, H_t]`, from one forward."""
         teacher, hidden_states = self.frozen_forward(self.teacher_model, inputs, None, output_hidden_states=True)
         features = torch.stack([hidden_states[k] for k in head.config.aux_hidden_state_layer_ids], dim=-2)
-        return teacher.values(), features
+        return teacher, features
 
     def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Trained rows of TTT step 0: the normaliser of every step's sum."""
@@ -490,7 +490,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
         Σ min(p, q) of speculative sampling (a token outside the draft vocabulary is a miss)."""
         vocabulary = StudentVocabulary(head.draft_to_target, head.t2d)
         logits = head.lm_head(states)
-        teacher = teacher.at((batch_rows[chunk], targets_at[chunk]))  # the positions these drafts predict
+        teacher = teacher.at((batch_rows[chunk], targets_at[chunk])).materialized()  # the positions these drafts predict
         wanted = teacher.argmax()
         trained = head.t2d[wanted]
         divergence = teacher.divergence(self.divergence_fn, logits, self.args.temperature, vocabulary)

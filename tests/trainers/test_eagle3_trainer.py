@@ -28,6 +28,7 @@ from trainers import BaseDrafterConfig, Eagle3Trainer, Eagle3TrainingConfig
 from trainers.data import tokenize_dataset
 from trainers.eagle3 import build_draft_vocabulary, generation_special_ids, ttt_attention_mask, ttt_unroll
 from trainers.offline import TeacherMetadata, precompute_teacher
+from trainers.teachers import LiveTeacher
 
 HERE = Path(__file__).resolve().parent
 LAYERS = [1, 2]  # hidden_states of the 2-layer test target that the heads read
@@ -258,8 +259,8 @@ class AsStoredTrainer(Eagle3Trainer):
     """The live target's path, fed what a teacher dataset stores: bf16 states and bf16 log-probabilities."""
 
     def target_outputs(self, inputs, head):
-        logits, features = super().target_outputs(inputs, head)
-        return as_bf16(logits.float().log_softmax(-1)), as_bf16(features)
+        teacher, features = super().target_outputs(inputs, head)
+        return LiveTeacher(logits=as_bf16(teacher.values().float().log_softmax(-1))), as_bf16(features)
 
 
 def as_bf16(values):
