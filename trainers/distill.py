@@ -178,7 +178,10 @@ class DistillTrainer(BaseDrafterTrainer):
         prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         eos_ids = self.eos_token_ids()
         generation_config = self.generation_config(eos_ids)
-        with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
+        # generation switches gradient checkpointing off and back on: with the user's kwargs, not the defaults
+        with unwrap_model_for_generation(generator, self.accelerator,
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                         ) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
             output = unwrapped.generate(

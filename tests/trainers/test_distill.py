@@ -450,3 +450,14 @@ def test_training_forwards_build_no_kv_cache(tokenizer, tmp_path):
                                         with_kwargs=True)
     trainer.compute_loss(trainer.model, first_batch(trainer))
     assert seen == [False, False]
+
+
+def test_on_policy_generation_keeps_the_users_gradient_checkpointing_kwargs(tokenizer, tmp_path):
+    """Generation turns gradient checkpointing off and on again; the user's kwargs must survive it."""
+    args = fast_args(DistillConfig, tmp_path, lmbda=1.0, max_new_tokens=4, max_steps=1, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = DistillTrainer(tiny_llama(num_hidden_layers=1, seed=2, tokenizer=tokenizer), peaked_teacher(tokenizer),
+                             args, train_dataset=corpus_dataset(8), processing_class=tokenizer)
+    trainer.train()
+    layer = trainer.accelerator.unwrap_model(trainer.model).model.layers[0]
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
