@@ -449,7 +449,7 @@ def test_training_forwards_build_no_kv_cache(tokenizer, tmp_path):
         model.get_decoder().register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
                                         with_kwargs=True)
     trainer.compute_loss(trainer.model, first_batch(trainer))
-    assert seen == [False, False]
+    assert len(seen) >= 2 and all(use_cache is False for use_cache in seen)  # (+ the LM-head check's first forwards)
 
 
 def test_on_policy_generation_keeps_the_users_gradient_checkpointing_kwargs(tokenizer, tmp_path):
