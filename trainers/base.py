@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .data import MODEL_INPUT_KEYS, DraftDataCollator, has_trained_token, prepare_dataset
+from .data import MODEL_INPUT_KEYS, DraftDataCollator, has_trained_token, is_iterable_dataset, prepare_dataset
 from .losses import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -136,10 +136,6 @@ class BaseDrafterConfig(TrainingArguments):
             raise ValueError(
                 f"max_length must be at least 2 (one token to read, one to predict), got {self.max_length}."
             )
-
-
-def _is_iterable_dataset(dataset) -> bool:
-    return type(dataset).__name__ == "IterableDataset" or isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def offline_teacher_datasets(train_dataset, eval_dataset) -> bool:
@@ -352,7 +348,7 @@ class BaseDrafterTrainer(Trainer):
                 f"{type(self).__name__} does not train on packed or padding-free batches (its per-row features "
                 "need one row per sequence): set packing=False and padding_free=False."
             )
-        if _is_iterable_dataset(train_dataset) and getattr(args.accelerator_config, "dispatch_batches", None) is not False:
+        if is_iterable_dataset(train_dataset) and getattr(args.accelerator_config, "dispatch_batches", None) is not False:
             # accelerate would otherwise fetch every process's batches on process 0 and concatenate them, which fails
             # when they differ in length: each process reads its own shard of the stream instead
             args = copy.copy(args)
@@ -447,7 +443,7 @@ class BaseDrafterTrainer(Trainer):
             def trained(labels):
                 return has_trained_token({"labels": labels})
 
-            if _is_iterable_dataset(dataset):  # a stream: filtered lazily, row by row
+            if is_iterable_dataset(dataset):  # a stream: filtered lazily, row by row
                 return dataset.filter(trained, input_columns="labels").with_format("numpy")
             return dataset.filter(trained, input_columns="labels", num_proc=args.dataset_num_proc,
                                   desc="Dropping rows with no trained token").with_format("numpy")

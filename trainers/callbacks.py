@@ -41,9 +41,11 @@ from torch import nn
 from transformers import GenerationConfig, Trainer, TrainerCallback
 
 from hf_specdec import Drafter, ModelDrafter, SortedDrafter, TreeConfig
+from hf_specdec.bench.prompts import left_padded_batches
 from hf_specdec.eagle3 import Eagle3DraftModel
 from hf_specdec.guided import GuidedDrafter
 
+from .data import detect_row_format, tokenize_row, until_eos
 from .losses import IGNORE_INDEX, expected_acceptance, shared_vocab, top1_agreement
 
 PREFIX = "spec/"
@@ -93,8 +95,6 @@ def _one_prompt(prompt, tokenizer) -> list[int]:
     if isinstance(prompt, Mapping):
         if "prompt" in prompt and "completion" not in prompt:
             return _one_prompt(prompt["prompt"], tokenizer)
-        from .data import detect_row_format, tokenize_row
-
         row_format = detect_row_format(list(prompt))
         if row_format == "text":
             raise ValueError("A `text` row has no prompt (every token is trained): give `prompt` (+ `completion`), "
@@ -122,14 +122,6 @@ def _tokenizer_or_fail(tokenizer, what: str):
         raise ValueError(f"Tokenizing {what} needs a tokenizer: give the trainer a `processing_class`, pass "
                          "`tokenizer=` to the callback, or give token ids.")
     return tokenizer
-
-
-def left_padded(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, attention_mask)` with every row ending at the last column (what generation continues)."""
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([[pad_token_id] * (width - len(row)) + row for row in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-    return ids, mask
 
 
 def right_padded(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +233,8 @@ def decode_prompts(target: nn.Module, drafter: Drafter, prompts: list[list[int]]
     device = _device_of(target)
     generation_config = copy.deepcopy(generation_config)
     generation_config.return_dict_in_generate = True  # the output then carries `spec_stats`
-    for batch in _batches(prompts, batch_size):
-        input_ids, attention_mask = left_padded(batch, pad_token_id, device)
-        out = target.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                              assistant_model=drafter)
+    for batch in left_padded_batches(prompts, batch_size, pad_token_id, device):
+        out = target.generate(**batch, generation_config=generation_config, assistant_model=drafter)
         stats = getattr(out, "spec_stats", None) or drafter.last_stats
         if stats is None:
             raise RuntimeError("generate() returned no speculative statistics: the drafter did not run through "
@@ -272,13 +262,13 @@ def target_continuations(target: nn.Module, prompts: list[list[int]], generation
     eos = generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     rows = []
-    for batch in _batches(prompts, batch_size):
-        input_ids, attention_mask = left_padded(batch, pad_token_id, device)
-        out = target.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+    for start, batch in zip(range(0, len(prompts), batch_size),
+                            left_padded_batches(prompts, batch_size, pad_token_id, device)):
+        out = target.generate(**batch, generation_config=generation_config)
         sequences = out if torch.is_tensor(out) else out.sequences
-        for prompt, generated in zip(batch, sequences[:, input_ids.shape[1] :].tolist()):
-            ends = [i for i, token in enumerate(generated) if token in eos_ids]
-            generated = generated[: ends[0] + 1] if ends else generated
+        width = batch["input_ids"].shape[1]
+        for prompt, generated in zip(prompts[start : start + batch_size], sequences[:, width:].tolist()):
+            generated = until_eos(generated, eos_ids)
             if generated:
                 rows.append(Continuation(ids=prompt + generated, prompt_length=len(prompt)))
     return rows

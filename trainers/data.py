@@ -121,7 +121,7 @@ def tokenize_row(row: dict[str, Any], row_format: str, tokenizer, max_length: in
         position_ids = _given_position_ids(row, len(input_ids))
         if position_ids is not None:  # an already packed row: keep its boundaries
             position_ids = position_ids[:max_length]
-            labels = [IGNORE_INDEX if p == 0 else label for label, p in zip(labels, position_ids)]
+            labels = untrain_sequence_starts(labels, position_ids)
             return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "position_ids": position_ids}
     else:
         if tokenizer is None:
@@ -158,15 +158,28 @@ def _given_position_ids(row: dict[str, Any], length: int) -> list[int] | None:
     return position_ids
 
 
+def untrain_sequence_starts(labels: list[int], position_ids: list[int]) -> list[int]:
+    """-100 at every sequence's first token (position 0): never a target in its own row, and in a packed row it must
+    not become the target of the previous sequence's last token."""
+    return [IGNORE_INDEX if position == 0 else label for label, position in zip(labels, position_ids)]
+
+
+def until_eos(tokens: list[int], eos_ids) -> list[int]:
+    """A generated continuation up to and including its first EOS (all of it when there is none)."""
+    end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
+    return tokens if end is None else tokens[: end + 1]
+
+
 def has_trained_token(row: dict[str, list[int]]) -> bool:
     """Position 0 is never predicted, so a row needs a trained label after it."""
     return any(label != IGNORE_INDEX for label in row["labels"][1:])
 
 
-def _is_iterable(dataset) -> bool:
+def is_iterable_dataset(dataset) -> bool:
+    """A stream: a `datasets.IterableDataset` (or a torch one), read lazily and of unknown length."""
     from datasets import IterableDataset
 
-    return isinstance(dataset, IterableDataset)
+    return isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
 
 
 def _check_dataset(dataset) -> None:
@@ -206,7 +219,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int, num_proc: int | None =
     columns = dataset_columns(dataset)
     row_format = detect_row_format(columns)
     fn_kwargs = {"row_format": row_format, "tokenizer": tokenizer, "max_length": max_length}
-    if _is_iterable(dataset):
+    if is_iterable_dataset(dataset):
         packed = row_format == "input_ids" and ("position_ids" in columns or "seq_lengths" in columns)
         names = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels")
         tokenized = dataset.map(tokenize_row, fn_kwargs=fn_kwargs, remove_columns=columns,
@@ -265,7 +278,7 @@ def pack_rows(rows: Sequence[dict[str, Any]], max_length: int) -> list[dict[str,
         for index in members:
             row = rows[index]
             out["input_ids"] += row["input_ids"]
-            out["labels"] += [IGNORE_INDEX if p == 0 else label for label, p in zip(row["labels"], row["position_ids"])]
+            out["labels"] += untrain_sequence_starts(row["labels"], row["position_ids"])
             out["position_ids"] += row["position_ids"]
         packed.append(out)
     return packed
@@ -285,7 +298,7 @@ def pack_dataset(dataset, max_length: int, num_proc: int | None = None, window: 
     `IterableDataset`, which then holds one window of rows in memory)."""
     columns = dataset_columns(dataset)
     fn_kwargs = {"max_length": max_length}
-    if _is_iterable(dataset):
+    if is_iterable_dataset(dataset):
         return dataset.map(_pack_batch, batched=True, batch_size=window, remove_columns=columns, fn_kwargs=fn_kwargs,
                            features=_int_lists_features("input_ids", "labels", "position_ids"))
     return dataset.map(_pack_batch, batched=True, batch_size=window, remove_columns=columns, fn_kwargs=fn_kwargs,
@@ -339,7 +352,7 @@ def concat_rows(rows: Iterable[dict[str, Any]], pad_token_id: int, pad_to_multip
         if not len(positions) == len(row["input_ids"]) == len(row["labels"]):
             raise ValueError("A row's `input_ids`, `labels` and `position_ids` must have the same length.")
         input_ids += _ints(row["input_ids"])
-        labels += [IGNORE_INDEX if p == 0 else label for label, p in zip(_ints(row["labels"]), positions)]
+        labels += untrain_sequence_starts(_ints(row["labels"]), positions)
         position_ids += positions
     if pad_to_multiple_of:
         padding = -len(input_ids) % pad_to_multiple_of

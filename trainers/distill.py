@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 import torch
 from transformers import GenerationConfig
 
+from hf_specdec.bench.prompts import left_padded_batches
+
 from .base import BaseDrafterConfig, BaseDrafterTrainer
-from .data import pad_rows, prompt_length
+from .data import pad_rows, prompt_length, until_eos
 from .losses import IGNORE_INDEX, in_backward, normalize_token_loss, token_cross_entropy
 from .teachers import Teacher
 
@@ -172,10 +174,9 @@ class DistillTrainer(BaseDrafterTrainer):
                           "the drafter generates them from their first token, unconditioned. Give prompt/completion "
                           "or `messages` rows (or `labels` / `completion_mask`) to keep on-policy data in context, "
                           "or set lmbda=0.", stacklevel=2)
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends at the same column, where generation continues.
-        prompt_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        # left padding: every prompt ends at the same column, where generation continues
+        prompt_batch = left_padded_batches(prompts, len(prompts), self.pad_token_id, device)[0]
+        width = prompt_batch["input_ids"].shape[1]
         eos_ids = self.eos_token_ids()
         generation_config = self.generation_config(eos_ids)
         # generation switches gradient checkpointing off and back on: with the user's kwargs, not the defaults
@@ -184,14 +185,11 @@ class DistillTrainer(BaseDrafterTrainer):
                                          ) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
-            output = unwrapped.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
-            )
+            output = unwrapped.generate(**prompt_batch, generation_config=generation_config)
             unwrapped.train(was_training)
         rows = []
         for prompt, completion in zip(prompts, output[:, width:].tolist()):
-            ends = [i for i, token in enumerate(completion) if token in eos_ids]
-            completion = completion[: ends[0] + 1] if ends else completion
+            completion = until_eos(completion, eos_ids)
             rows.append(
                 {
                     "input_ids": (prompt + completion)[: self.args.max_length],

@@ -434,9 +434,7 @@ class Eagle3Trainer(BaseDrafterTrainer):
         """The head's features `[B, T, n, H_t]` or `[B, T, n·H_t]` and its teacher: the stored states and sparse
         distribution of an offline teacher dataset, or one forward of the target."""
         if self.offline:
-            teacher = StoredTeacher(inputs["teacher_top_ids"], inputs["teacher_top_logprobs"],
-                                    inputs["teacher_tail_logprob"], self.args.temperature)
-            return inputs[STATES_COLUMN], teacher
+            return inputs[STATES_COLUMN], StoredTeacher.from_batch(inputs, None, self.args.temperature)
         teacher, features = self.target_outputs(inputs, head)
         return features, teacher
 

@@ -153,11 +153,14 @@ class StoredTeacher:
     vocab_size: int | None = None  # the teacher's: a student's (padded) rows past it are cut, as a live teacher's are
 
     @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor], positions: torch.Tensor, temperature: float,
+    def from_batch(cls, batch: dict[str, torch.Tensor], positions: torch.Tensor | None, temperature: float,
                    vocab_size: int | None = None) -> StoredTeacher:
-        """At the trained positions `[B, T-1]` of a batch collated by `OfflineTeacherCollator`."""
-        return cls(batch["teacher_top_ids"][:, :-1][positions], batch["teacher_top_logprobs"][:, :-1][positions],
-                   batch["teacher_tail_logprob"][:, :-1][positions], temperature, vocab_size)
+        """At the trained positions `[B, T-1]` of a batch collated by `OfflineTeacherCollator` (None: every
+        position, `[B, T, ...]`)."""
+        columns = [batch[name] for name in ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail_logprob")]
+        if positions is not None:
+            columns = [column[:, :-1][positions] for column in columns]
+        return cls(*columns, temperature, vocab_size)
 
     def at(self, index) -> StoredTeacher:
         return StoredTeacher(self.top_ids[index], self.top_logprobs[index], self.tail_logprob[index],

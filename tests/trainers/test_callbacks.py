@@ -4,7 +4,6 @@ accepts everything, the drafter and the training RNG are left as they were, and 
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import tiny_llama
-from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher
+from trainer_test_utils import corpus_dataset, fast_args, peaked_teacher, worker_env
 
 from hf_specdec import ModelDrafter
 from trainers import DistillConfig, DistillTrainer, SoFTConfig, SoFTTrainer
@@ -158,14 +157,10 @@ def ddp_callback():
     return SpeculativeDecodingCallback(held_out_prompts(5), max_new_tokens=8, num_draft_tokens=2, batch_size=2)
 
 
-@pytest.mark.skipif(not os.environ.get("TRAINERS_DDP_TESTS"), reason="starts 2 torchrun processes (~45 s on 2 "
-                    "shared cores); set TRAINERS_DDP_TESTS=1 to run it")
 def test_two_processes_decode_a_shard_each_and_log_the_whole_prompt_sets_numbers(tokenizer, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE),
-                                                                            str(HERE.parents[1] / "recipes")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     logged = json.loads((tmp_path / "spec.json").read_text())
     assert logged["world_size"] == 2 and logged["shards"] == [3, 2]  # 5 prompts: ranks take 0, 2, 4 and 1, 3
