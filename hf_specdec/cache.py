@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .compat import cache_argument
+from .stats import PhaseClock
 
 ROW_STATE = ("committed_bias", "slot_positions", "kv_length", "next_position", "written")  # one entry per row
 CAPACITY_BUCKET = 256  # captured forwards: capacities round up to this, so prompts of other lengths reuse graphs
@@ -127,6 +128,9 @@ class SlotCache:
         self.scratch = capacity - 1  # holes write here; never visible
         masked = torch.finfo(self.dtype).min
         self.masked = masked
+        # 0-dim biases in the model's dtype: a where() over them is one op, with no dtype conversion after it
+        self.visible_bias = torch.zeros((), dtype=self.dtype, device=device)
+        self.hidden_bias = torch.full((), masked, dtype=self.dtype, device=device)
         self.committed_bias = torch.full((batch_size, capacity), masked, dtype=self.dtype, device=device)
         self.slot_positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
         self.kv_length = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -134,7 +138,13 @@ class SlotCache:
         self.max_round_nodes = max_round_nodes
         # which round ids were fed this round; the last column takes the holes' writes
         self.written = torch.zeros(batch_size, max_round_nodes + 1, dtype=torch.bool, device=device)
+        self.device = self.kv_length.device  # "cuda" → "cuda:0": compared with tensors' devices below
         self.host_length = 0  # an upper bound of kv_length.max(), known without reading the device
+        self.aranges: dict[int, torch.Tensor] = {}
+        # views and offsets that stay the same for a whole round, keyed by what they are made of; dropped when the
+        # round is resolved (kv_length is then a new tensor)
+        self.round_views: dict = {}
+        self.round_of = None  # the kv_length the round views were made for
 
     @property
     def batch_size(self) -> int:
@@ -161,9 +171,10 @@ class SlotCache:
         chunk = chunk_size or width
         for start in range(0, width, chunk):
             end = min(start + chunk, width)
-            outputs = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
-                                 attention_mask=None if mask is None else mask[:, :end], use_cache=True,
-                                 **{cache_argument(self.model): scratch}, **model_kwargs)
+            with PhaseClock.model_call():
+                outputs = self.model(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                                     attention_mask=None if mask is None else mask[:, :end], use_cache=True,
+                                     **{cache_argument(self.model): scratch}, **model_kwargs)
             if on_chunk is not None:
                 on_chunk(outputs, valid[:, start:end])
         for index, layer in enumerate(scratch.layers):
@@ -174,7 +185,7 @@ class SlotCache:
             slots.values[:, :, :width] = layer.values
         self.committed_bias[:, :width] = torch.where(valid, 0.0, self.masked).to(self.dtype)
         self.slot_positions[:, :width] = positions
-        self.kv_length.fill_(width)
+        self.kv_length = torch.full_like(self.kv_length, width)
         self.next_position = valid.long().sum(-1)
         self.host_length = width
         return outputs
@@ -182,16 +193,15 @@ class SlotCache:
     def forward_committed(self, inputs: torch.Tensor, valid: torch.Tensor, **model_kwargs):
         """Append text (prompt or pending accepted tokens), causal among itself; `valid=False` entries are holes.
         Valid entries take the next slots in order."""
-        valid = valid.to(self.device)
+        valid = _on(valid, self.device)
         rank = valid.long().cumsum(-1) - 1
         slots = torch.where(valid, self.kv_length[:, None] + rank, self.scratch)
         positions = self.next_position[:, None] + rank.clamp(min=0)
         count = valid.sum(-1)
         self._commit_slots(slots, valid, positions)
         span = self._span(inputs.shape[1])
-        columns = torch.arange(span, device=self.device)
-        causal = columns[None, None, :] <= slots[:, :, None]  # earlier committed slots and the query's own
-        mask = torch.where(causal, self.committed_bias[:, None, :span], self.masked)
+        causal = self._arange(span) <= slots[:, :, None]  # earlier committed slots and the query's own
+        mask = torch.where(causal, self.committed_bias[:, None, :span], self.hidden_bias)
         outputs = self._forward(inputs, slots, positions, mask, span, valid, **model_kwargs)
         self.kv_length = self.kv_length + count
         self.next_position = self.next_position + count
@@ -202,22 +212,24 @@ class SlotCache:
         """Feed draft-tree nodes of this round. `node_ids` [B, Q]: each query's round id (its slot offset; -1 =
         hole), `depths` [B, Q] its distance from the next committed position (0 = the next token), `ancestors`
         [B, M, M] the round's ancestor-or-self relation over node ids."""
-        node_ids, depths, ancestors = node_ids.to(self.device), depths.to(self.device), ancestors.to(self.device)
+        node_ids, depths, ancestors = _on(node_ids, self.device), _on(depths, self.device), _on(ancestors, self.device)
+        round_ = self._round_views()
         valid = node_ids >= 0
         query_nodes = node_ids.clamp(min=0)
-        slots = torch.where(valid, self.kv_length[:, None] + query_nodes, self.scratch)
-        positions = self.next_position[:, None] + depths.clamp(min=0)
+        slots = torch.where(valid, round_["kv_length"] + query_nodes, self.scratch)
+        positions = round_["next_position"] + depths.clamp(min=0)
         nodes = self.max_round_nodes
         self.written.scatter_(1, torch.where(valid, query_nodes, nodes), True)
-        self.slot_positions.scatter_(1, slots, positions)
+        if self.sliding_window is not None:
+            self.slot_positions.scatter_(1, slots, positions)
         span = self._span(nodes)
         # tentative columns: slot kv_length + n holds node n; visible to a query if written and an ancestor-or-self
+        queries, width = inputs.shape[1], min(nodes, ancestors.shape[2])
         sees = ancestors.gather(1, query_nodes[:, :, None].expand(-1, -1, ancestors.shape[2]))
-        sees = sees[:, :, :nodes] & self.written[:, None, : min(nodes, sees.shape[2])]
-        mask = self.committed_bias[:, None, :span].expand(-1, inputs.shape[1], -1).clone()
-        columns = self.kv_length[:, None] + torch.arange(sees.shape[2], device=self.device)
-        bias = torch.where(sees, 0.0, self.masked).to(self.dtype)
-        mask.scatter_(2, columns[:, None, :].expand(-1, inputs.shape[1], -1), bias)
+        sees = (sees if width == sees.shape[2] else sees[:, :, :width]) & self._round_view("written", width)
+        mask = self._round_view("committed", span).expand(-1, queries, -1).clone()
+        columns = self._round_view("columns", width).expand(-1, queries, -1)
+        mask.scatter_(2, columns, torch.where(sees, self.visible_bias, self.hidden_bias))
         return self._forward(inputs, slots, positions, mask, span, valid, **model_kwargs)
 
     def forward_tentative_rows(self, rows, inputs, node_ids, depths, ancestors, **model_kwargs):
@@ -252,9 +264,10 @@ class SlotCache:
             key_positions = self.slot_positions[:, None, :span]
             mask = mask.masked_fill(positions[:, :, None] - key_positions >= self.sliding_window, self.masked)
         # a hole query must still see some key, or softmax over an all-masked row gives NaN: let it see slot 0
-        mask[:, :, 0] = mask[:, :, 0].masked_fill(~valid, 0.0)
+        mask.select(2, 0).masked_fill_(~valid, 0.0)
         self.cache.write_slots, self.cache.read_span = slots, span
-        return self.run(inputs, mask[:, None], positions, self.cache, **model_kwargs)
+        with PhaseClock.model_call():
+            return self.run(inputs, mask[:, None], positions, self.cache, **model_kwargs)
 
     def _run_model(self, input_ids, attention_mask, position_ids, cache, **model_kwargs):
         return self.call(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
@@ -268,8 +281,38 @@ class SlotCache:
         return min(self.capacity, self.host_length + new_slots)
 
     def _commit_slots(self, slots, valid, positions):
-        self.committed_bias.scatter_(1, slots, torch.where(valid, 0.0, self.masked).to(self.dtype))
-        self.slot_positions.scatter_(1, slots, positions)
+        self.committed_bias.scatter_(1, slots, torch.where(valid, self.visible_bias, self.hidden_bias))
+        if self.sliding_window is not None:  # (only the window reads the slots' positions)
+            self.slot_positions.scatter_(1, slots, positions)
+
+    def _arange(self, length: int) -> torch.Tensor:
+        """`arange(length)` on the cache's device, made once per length."""
+        if length not in self.aranges:
+            self.aranges[length] = torch.arange(length, device=self.device)
+        return self.aranges[length]
+
+    def _round_views(self) -> dict:
+        """This round's fixed views and offsets (a round's tentative forwards share them): made again once
+        `kv_length` is replaced, i.e. after every commit."""
+        if self.round_of is not self.kv_length:
+            self.round_of = self.kv_length
+            self.round_views = {"kv_length": self.kv_length[:, None], "next_position": self.next_position[:, None]}
+        return self.round_views
+
+    def _round_view(self, name: str, width: int) -> torch.Tensor:
+        """[B, 1, width] views for the round's masks: `committed` (the committed bias of the slots read),
+        `written` (which round ids were fed: a view, so it follows later writes), `columns` (the slots of round ids,
+        `kv_length + id`)."""
+        views = self._round_views()
+        key = (name, width)
+        if key not in views:
+            if name == "committed":
+                views[key] = self.committed_bias[:, None, :width]
+            elif name == "written":
+                views[key] = self.written[:, None, :width]
+            else:
+                views[key] = views["kv_length"][:, None] + self._arange(width)
+        return views[key]
 
     def _owned(self):
         return self.layers if self.layers is not None else range(len(self.cache.layers))
@@ -279,11 +322,10 @@ class SlotCache:
         """Commit, per row, the first `counts[b]` nodes of `node_ids[b]` (an accepted root-to-leaf path, in order)
         to the next committed slots and drop the rest of the round. `in_place`: node i already sits at offset i
         (a chain whose round ids are depths), so no keys or values move."""
-        node_ids, counts = node_ids.to(self.device), counts.to(self.device)
+        node_ids, counts = _on(node_ids, self.device), _on(counts, self.device)
         width = node_ids.shape[1]
-        kept = torch.arange(width, device=self.device) < counts[:, None]
-        destination = torch.where(kept, self.kv_length[:, None] + torch.arange(width, device=self.device),
-                                  self.scratch)
+        kept = self._arange(width) < counts[:, None]
+        destination = torch.where(kept, self._round_view("columns", width)[:, 0], self.scratch)
         if not in_place and width:
             source = self.kv_length[:, None] + node_ids.clamp(min=0)
             for index in self._owned():
@@ -294,7 +336,7 @@ class SlotCache:
                     gather = source[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
                     moved = tensor.gather(2, gather)
                     tensor.scatter_(2, destination[:, None, :, None].expand_as(gather), moved)
-        positions = self.next_position[:, None] + torch.arange(width, device=self.device)
+        positions = self.next_position[:, None] + self._arange(width) if self.sliding_window is not None else None
         self._commit_slots(destination, kept, positions)
         self.kv_length = self.kv_length + counts
         self.next_position = self.next_position + counts
@@ -304,8 +346,8 @@ class SlotCache:
     def keep_path(self, path_nodes: torch.Tensor, num_accepted: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """Commit the leading accepted path nodes this cache holds (a node is only fed after its parent, so they
         form a prefix of the path) and drop the rest of the round. Returns how many were kept per row."""
-        path_nodes, num_accepted = path_nodes.to(self.device), num_accepted.to(self.device)
-        in_path = torch.arange(path_nodes.shape[1], device=self.device) < num_accepted[:, None]
+        path_nodes, num_accepted = _on(path_nodes, self.device), _on(num_accepted, self.device)
+        in_path = self._arange(path_nodes.shape[1]) < num_accepted[:, None]
         held = self.written.gather(1, path_nodes.clamp(min=0, max=self.max_round_nodes)) & (path_nodes >= 0)
         counts = (held & in_path).long().cumprod(-1).sum(-1)
         self.keep(path_nodes, counts, in_place=in_place)
@@ -317,6 +359,11 @@ class SlotCache:
         self.cache.select_rows(rows, self._owned())
         for name in ROW_STATE:
             setattr(self, name, getattr(self, name)[rows])
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor.to(device)` without the (per-call, per-round) dispatch when it is already there."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def right_aligned_order(mask: torch.Tensor) -> torch.Tensor:

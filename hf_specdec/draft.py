@@ -11,6 +11,7 @@ round never waits for the device.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,13 @@ class Draft:
     @classmethod
     def chain(cls, tokens: torch.Tensor, lengths: torch.Tensor | None = None, probs: torch.Tensor | None = None):
         batch_size, num_nodes = tokens.shape
-        positions = torch.arange(num_nodes, device=tokens.device)
-        parents = (positions - 1).expand(batch_size, -1).contiguous()
-        valid = positions < (lengths[:, None] if lengths is not None else num_nodes)
-        valid = valid.expand(batch_size, -1).contiguous()
+        positions, parents, depths = _chain_shape(batch_size, num_nodes, tokens.device)
+        if lengths is None:
+            valid = torch.ones(batch_size, num_nodes, dtype=torch.bool, device=tokens.device)
+        else:
+            valid = positions < lengths[:, None]
         return cls(tokens=tokens, parents=parents, valid=valid, probs=probs, max_depth=num_nodes, is_chain=True,
-                   max_children=1, _depths=(positions + 1).expand(batch_size, -1))
+                   max_children=1, _depths=depths)
 
     @classmethod
     def empty(cls, batch_size: int, device: torch.device) -> Draft:
@@ -82,6 +84,14 @@ class Draft:
         depths = torch.cat([self.depths(), pad + 1], 1) if not self.is_chain else None
         return Draft(torch.cat([self.tokens, pad], 1), parents, torch.cat([self.valid, pad.bool()], 1), probs,
                      num_nodes if self.is_chain else self.max_depth, self.is_chain, self.max_children, depths)
+
+
+@functools.lru_cache(maxsize=32)
+def _chain_shape(batch_size: int, num_nodes: int, device: torch.device):
+    """(node positions, parents, depths) of a [batch_size, num_nodes] chain: the same every round, so made once
+    (shared, never written to)."""
+    positions = torch.arange(num_nodes, device=device)
+    return positions, (positions - 1).expand(batch_size, -1), (positions + 1).expand(batch_size, -1)
 
 
 def node_depths(parents: torch.Tensor, max_depth: int) -> torch.Tensor:

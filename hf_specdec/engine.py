@@ -14,11 +14,13 @@ reads, only when they are used.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -103,8 +105,9 @@ class _Run:
             self.token_mask[:, : self.prompt_length] = mask.bool()
         self.lengths = torch.full((batch_size,), self.prompt_length, dtype=torch.long, device=self.device)
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
-        self.batch_text = BatchText(self.sequences, self.lengths, self.pad_token)
+        self.batch_text = BatchText(self.sequences, self.pad_token)
         self.active = torch.arange(batch_size, device=self.device)
+        self.all_rows = True  # `active` is every row (until a compaction): indexing by it is skipped
         self.do_sample = bool(config.do_sample)
         self.vocab_size = model.config.get_text_config().vocab_size
         self.clock = PhaseClock(model.device, timing=time_phases)
@@ -141,18 +144,19 @@ class _Run:
         capacity = slot_capacity(self.width + self.round_nodes + 2, compiled is not None)
         self.target = SlotCache(self.model, len(self.active), capacity, self.model.device, compiled_call=compiled,
                                 max_round_nodes=self.round_nodes + 1)
-        self._prefill()
-        self.drafter.start(self.model, self._state(), num_draft_tokens=num_draft_tokens)
-        try:
-            rounds = 0
-            while self._running():
-                if self.auto is None:
-                    self._round()
-                else:
-                    self._auto_round(rounds)
-                rounds += 1
-        finally:
-            self.drafter.finish()
+        with self.clock.running():
+            self._prefill()
+            self.drafter.start(self.model, self._state(), num_draft_tokens=num_draft_tokens)
+            try:
+                rounds = 0
+                while self._running():
+                    if self.auto is None:
+                        self._round()
+                    else:
+                        self._auto_round(rounds)
+                    rounds += 1
+            finally:
+                self.drafter.finish()
         self.clock.synchronize()
         self.stats.wall_seconds = time.perf_counter() - start
         self._finish_stats()
@@ -210,23 +214,22 @@ class _Run:
         with self.clock("acceptance"):
             verdict = verify(processed, draft, self.do_sample)
         with self.clock("cache"):
-            alive = ~self.finished[self.active]
-            # chunk indices of what the target keeps: the root, then the accepted path
-            root = torch.zeros(len(verdict.path), 1, dtype=torch.long, device=verdict.path.device)
-            kept = torch.cat([root, verdict.path + 1], dim=1)
+            alive = ~self._held(self.finished)
+            # chunk indices of what the target keeps: the root (0), then the accepted path
+            kept = F.pad(verdict.path + 1, (1, 0))
             self._keep_hidden(outputs, kept if self.hidden_scope == "accepted" else verdict.last_position)
             self.target.keep(kept, (verdict.num_accepted + 1) * alive, in_place=draft.is_chain)
             self.drafter.accept(state, draft, verdict.path, verdict.num_accepted)
         with self.clock("bookkeeping"):
             self.target_forwards += 1
             drafted = draft.valid.sum(-1)
-            self.stats.record_round(self.active, alive, drafted, verdict.num_accepted, verdict.rejected,
-                                    self.histogram)
-            path_tokens_ = draft.tokens.gather(1, verdict.path.clamp(min=0))
-            new_tokens = torch.cat([path_tokens_, verdict.next_token[:, None]], 1)
-            new_tokens = _place_bonus(new_tokens, verdict.num_accepted, verdict.next_token)
+            self.stats.record_round(None if self.all_rows else self.active, alive, drafted, verdict.num_accepted,
+                                    verdict.rejected, self.histogram)
+            # the accepted path's tokens, then the bonus token right after them
+            new_tokens = F.pad(draft.tokens.gather(1, verdict.path.clamp(min=0)), (0, 1))
+            new_tokens.scatter_(1, verdict.num_accepted[:, None], verdict.next_token[:, None])
             # the distribution behind each emitted token sits at its parent's chunk position
-            sources = (processed, logits, kept[:, : new_tokens.shape[1]])
+            sources = (processed, logits, kept)
             self._append(new_tokens, verdict.num_accepted + 1, sources, (verdict.num_accepted, drafted))
 
     def _auto_round(self, rounds: int) -> None:
@@ -298,7 +301,7 @@ class _Run:
     def _running(self) -> bool:
         """The round's one read from the device: how many rows still run. Rows that finished leave the caches
         once half of the held rows are done (each removal copies every cache, so it is batched)."""
-        running = ~self.finished[self.active]
+        running = ~self._held(self.finished)
         remaining, longest = torch.stack([running.sum(), self.lengths.max()]).tolist()
         self.target.tighten(longest)
         self.host_text_length = longest
@@ -306,6 +309,7 @@ class _Run:
         if remaining and remaining <= len(self.active) // 2 and self.compile_config is None:
             keep = running.nonzero()[:, 0]
             self.active = self.active[keep]
+            self.all_rows = False
             if self.target_hidden is not None:
                 self.target_hidden = self.target_hidden[keep.to(self.target_hidden.device)]
             self.target.select_rows(keep)
@@ -344,16 +348,19 @@ class _Run:
         return [states[index].to(self.device) for index in self.hidden_layers]  # (a target split over devices)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _held(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor[self.active]`: the rows the caches hold (every row until a compaction: then no copy is made)."""
+        return tensor if self.all_rows else tensor[self.active]
+
     def _state(self) -> DecodingState:
         rows = self.active
-        lengths = self.lengths[rows]
-        all_rows = len(rows) == len(self.lengths)
+        lengths = self._held(self.lengths)
         return DecodingState(
-            sequences=self.sequences if all_rows else self.sequences[rows],
-            token_mask=self.token_mask if all_rows else self.token_mask[rows],
+            sequences=self._held(self.sequences),
+            token_mask=self._held(self.token_mask),
             lengths=lengths,
             # finished rows (masked until the next compaction) draft nothing
-            budget=torch.where(self.finished[rows], -1, self.max_length - lengths - 1),
+            budget=torch.where(self._held(self.finished), -1, (self.max_length - 1) - lengths),
             logits_processor=self.processors,
             do_sample=self.do_sample,
             vocab_size=self.vocab_size,
@@ -374,25 +381,35 @@ class _Run:
         distribution) for output_scores/logits; `drafted` = (accepted draft tokens, tokens drafted) per row this
         round, for streamers; None: the tokens are the target's own."""
         rows = self.active
-        lengths = self.lengths[rows]
-        counts = torch.where(self.finished[rows], 0, torch.minimum(counts, self.max_length - lengths))
-        steps = torch.arange(tokens.shape[1], device=self.device)
-        within = steps[None, :] < counts[:, None]
-        ended = torch.zeros_like(within[:, 0])
+        lengths = self._held(self.lengths)
+        counts = torch.where(self._held(self.finished), 0, torch.minimum(counts, self.max_length - lengths))
+        steps = _arange(tokens.shape[1], self.device)
+        within = steps < counts[:, None]
+        ended = None
         if self.eos_tokens is not None:
             is_eos = torch.isin(tokens, self.eos_tokens) & within
             ended = is_eos.any(-1)
             counts = torch.where(ended, is_eos.float().argmax(-1) + 1, counts)
-            within = steps[None, :] < counts[:, None]
+            within = steps < counts[:, None]
         columns = torch.where(within, lengths[:, None] + steps, self.width)  # the spare column takes the rest
-        self.buffer[rows[:, None], columns] = tokens
+        if self.all_rows:
+            self.buffer.scatter_(1, columns, tokens)
+            self.lengths = lengths + counts  # a new tensor: `lengths` (the old ones) is read below
+        else:
+            self.buffer[rows[:, None], columns] = tokens
+            self.lengths[rows] = lengths + counts
         if sources is not None:
             self._record_scores(rows, lengths, within, *sources)
-        self.lengths[rows] = lengths + counts
         if self.extra_criteria and sources is not None:  # (plain decoding's tokens were checked by plain decoding)
             stopped, counts = self._apply_stopping_criteria(rows, lengths, counts)
-            ended |= stopped
-        self.finished[rows] |= ended | (self.lengths[rows] >= self.max_length)
+            ended = stopped if ended is None else ended | stopped
+        done = self._held(self.lengths) >= self.max_length
+        if ended is not None:
+            done |= ended
+        if self.all_rows:
+            self.finished |= done
+        else:
+            self.finished[rows] |= done
         if self.streamer is not None and sources is not None:  # (plain decoding streamed its own tokens)
             accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
             self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
@@ -493,37 +510,43 @@ class _VerifyChunk:
     0..N; see `draft.py`). The chunk index doubles as the node's round id in the target's `SlotCache`."""
 
     def __init__(self, state: DecodingState, draft: Draft):
-        batch_size, num_nodes = draft.tokens.shape
-        device = draft.tokens.device
+        num_nodes = draft.num_nodes
         self.state, self.draft = state, draft
         root = state.sequences.gather(1, (state.lengths - 1)[:, None])
         self.tokens = torch.cat([root, draft.tokens], dim=1)
+        chunk_index, chain, root_row = _chunk_constants(num_nodes, draft.tokens.device)
+        has_node = F.pad(draft.valid, (1, 0), value=True)  # the root is always there
         if draft.is_chain:
-            chain = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=device).tril()
-            self.node_ancestors = chain[None] & draft.valid[:, None, :]
-        else:
-            self.node_ancestors = ancestor_matrix(draft.parents, draft.max_depth) & draft.valid[:, None, :]
-        ancestors = torch.ones(batch_size, 1 + num_nodes, 1 + num_nodes, dtype=torch.bool, device=device)
-        ancestors[:, 0, 1:] = False
-        ancestors[:, 1:, 1:] = self.node_ancestors
-        self.ancestors = ancestors
-        chunk_index = torch.arange(1 + num_nodes, device=device).expand(batch_size, -1)
-        has_root = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
-        self.node_ids = torch.where(torch.cat([has_root, draft.valid], 1), chunk_index, -1)
-        self.depths = torch.cat([torch.zeros_like(root), draft.depths()], dim=1)
+            self.ancestors = chain & has_node[:, None, :]
+        else:  # the root sees itself; every node sees the root and its own ancestors
+            node_ancestors = ancestor_matrix(draft.parents, draft.max_depth) & draft.valid[:, None, :]
+            self.ancestors = F.pad(node_ancestors, (1, 0, 1, 0), value=True) & root_row
+        self.node_ids = torch.where(has_node, chunk_index, -1)
+        self.depths = F.pad(draft.depths(), (1, 0))
 
     def prefixes(self) -> TreePrefixes:
         """Each chunk position's prefix (committed text + its path), for input-reading logits processors."""
         draft = self.draft
-        paths = path_tokens(draft.tokens, self.node_ancestors, draft.depths(), draft.max_depth)
+        paths = path_tokens(draft.tokens, self.ancestors[:, 1:, 1:], draft.depths(), draft.max_depth)
         paths = torch.cat([paths.new_zeros(len(paths), 1, paths.shape[-1]), paths], dim=1)
         return self.state.prefixes(paths, self.depths)
 
 
-def _place_bonus(tokens: torch.Tensor, num_accepted: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
-    """Accepted path tokens followed by the bonus token right after them (not at the end of the padded row)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-    return torch.where(positions == num_accepted[:, None], bonus[:, None], tokens)
+@functools.lru_cache(maxsize=32)
+def _chunk_constants(num_nodes: int, device: torch.device):
+    """For a verify chunk of 1 + num_nodes positions (made once per size; shared, never written to): the chunk
+    indices, a chain's ancestor-or-self relation (lower triangle) and the mask that hides every node from the root."""
+    chunk_index = torch.arange(1 + num_nodes, device=device)
+    chain = torch.ones(1 + num_nodes, 1 + num_nodes, dtype=torch.bool, device=device).tril()
+    root_row = torch.ones_like(chain)
+    root_row[0, 1:] = False
+    return chunk_index, chain, root_row
+
+
+@functools.lru_cache(maxsize=32)
+def _arange(length: int, device: torch.device) -> torch.Tensor:
+    """`arange(length)`, made once per length (shared, never written to)."""
+    return torch.arange(length, device=device)
 
 
 def _validate(model, input_ids, config, drafter, model_kwargs, processors):

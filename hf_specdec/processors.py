@@ -139,11 +139,10 @@ def check_processors(processors) -> None:
 
 @dataclass
 class BatchText:
-    """The generate() call's whole batch: `sequences` [B, T] (pad-filled past each row's length) and `lengths` [B].
-    `BATCH` processors and stopping criteria see it cut at one length, as plain generate() shows its batch."""
+    """The generate() call's whole batch: `sequences` [B, T], pad-filled past each row's length. `BATCH` processors
+    and stopping criteria see it cut at one length, as plain generate() shows its batch."""
 
     sequences: torch.Tensor
-    lengths: torch.Tensor
     pad_token_id: int
 
     def at_length(self, length: int) -> torch.Tensor:

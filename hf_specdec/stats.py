@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ import torch
 ROUND_PHASES = ("draft", "verify_forward", "processors", "acceptance", "cache", "bookkeeping")
 PHASES = ("prefill", *ROUND_PHASES)
 _NO_TIMING = contextlib.nullcontext()
+# the timing clock of the generate() call running in this thread / task (see PhaseClock.running)
+_ACTIVE_CLOCK: contextvars.ContextVar = contextvars.ContextVar("hf_specdec_active_clock", default=None)
 
 
 class PhaseClock:
@@ -21,6 +24,11 @@ class PhaseClock:
     Off (the default) it costs nothing. With `timing=True` it synchronises the device around every phase and adds
     up wall seconds per phase; inside `profiled_phases()` each phase is also a `spec::<phase>` torch.profiler range
     (`recipes/profile_engine.py` attributes every op to its phase).
+
+    Model time is measured apart from the phases: `SlotCache` wraps each model call in `model_call()`, which times
+    the call alone (as plain generate()'s forward hooks would) and credits it to the draft model when it runs inside
+    a "draft_forward" phase, else to the target. What a phase does around the call (masks, slots, inputs) is loop
+    overhead.
     """
 
     profiling = False  # set by profiled_phases()
@@ -28,28 +36,75 @@ class PhaseClock:
     def __init__(self, device: torch.device, timing: bool = False):
         self.device, self.timing = torch.device(device), timing
         self.seconds: collections.Counter = collections.Counter()
+        self.open_phases: list[str] = []
 
     def __call__(self, phase: str):
         if not (self.timing or PhaseClock.profiling):
             return _NO_TIMING
-        return self._measured(phase)
+        return _Phase(self, phase)
 
     @contextlib.contextmanager
-    def _measured(self, phase: str):
-        ranges = torch.profiler.record_function(f"spec::{phase}") if PhaseClock.profiling else _NO_TIMING
-        with ranges:
-            if not self.timing:
-                yield
-                return
-            self.synchronize()
-            start = time.perf_counter()
+    def running(self):
+        """Make this clock the one `model_call()` reports to for the duration of a generate() call."""
+        token = _ACTIVE_CLOCK.set(self if self.timing else None)
+        try:
             yield
-            self.synchronize()
-            self.seconds[phase] += time.perf_counter() - start
+        finally:
+            _ACTIVE_CLOCK.reset(token)
+
+    @staticmethod
+    def model_call():
+        """Time one model call (`target_forward` or `draft_forward` seconds) when a timing clock is running."""
+        clock = _ACTIVE_CLOCK.get()
+        return _NO_TIMING if clock is None else _ModelCall(clock)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class _Phase:
+    """One measured phase (a class, not a generator: entering and leaving it is cheap)."""
+
+    __slots__ = ("clock", "phase", "range", "start")
+
+    def __init__(self, clock: PhaseClock, phase: str):
+        self.clock, self.phase = clock, phase
+        self.range = torch.profiler.record_function(f"spec::{phase}") if PhaseClock.profiling else None
+
+    def __enter__(self):
+        if self.range is not None:
+            self.range.__enter__()
+        self.clock.open_phases.append(self.phase)
+        if self.clock.timing:
+            self.clock.synchronize()
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        clock = self.clock
+        if clock.timing:
+            clock.synchronize()
+            clock.seconds[self.phase] += time.perf_counter() - self.start
+        clock.open_phases.pop()
+        if self.range is not None:
+            self.range.__exit__(*exc)
+
+
+class _ModelCall:
+    __slots__ = ("clock", "start")
+
+    def __init__(self, clock: PhaseClock):
+        self.clock = clock
+
+    def __enter__(self):
+        self.clock.synchronize()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        clock = self.clock
+        clock.synchronize()
+        model = "draft_forward" if clock.open_phases and clock.open_phases[-1] == "draft_forward" else "target_forward"
+        clock.seconds[f"model:{model}"] += time.perf_counter() - self.start
 
 
 @contextlib.contextmanager
@@ -73,7 +128,8 @@ class SpecStats:
     Phase times are measured only with `generate(..., time_phases=True)` (they synchronise the device around every
     phase; without it they are 0 and the loop never waits for the device). `draft_seconds` / `verify_seconds` are
     the two phases of the rounds (Python included); `target_forward_seconds` / `draft_forward_seconds` only the
-    model forwards, so `loop_efficiency = model forwards / wall time` (1.0 = zero loop overhead).
+    model calls themselves (not the masks, slots and inputs built for them: the window plain generate()'s forward
+    hooks would time), so `loop_efficiency = model calls / wall time` (1.0 = zero loop overhead).
     """
 
     drafted: torch.Tensor
@@ -94,25 +150,30 @@ class SpecStats:
     accepted_length_counts: list[int] = field(default_factory=list)
     # routed drafters: {drafter name: {"rows", "rounds", "drafted", "accepted", "alpha", "tau"}} (see RoutedDrafter)
     per_drafter: dict[str, dict] = field(default_factory=dict)
+    # during the call: [4, B] on the device whose rows are drafted, accepted, rejected, rounds (one add per round)
+    counters: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, batch_size: int, device: torch.device | str = "cpu") -> SpecStats:
-        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return cls(drafted=zeros.clone(), accepted=zeros.clone(), rounds=zeros.clone(), rejected=zeros.clone())
+        counters = torch.zeros(4, batch_size, dtype=torch.long, device=device)
+        drafted, accepted, rejected, rounds = counters  # views: the fields follow the counters
+        return cls(drafted=drafted, accepted=accepted, rounds=rounds, rejected=rejected, counters=counters)
 
     def record_round(self, rows, alive, drafted, accepted, rejected, histogram: torch.Tensor) -> None:
-        """Add one round of the rows `rows` (only those `alive`) on the device; nothing is read back."""
-        alive = alive.long()
-        self.drafted.index_add_(0, rows, drafted * alive)
-        self.accepted.index_add_(0, rows, accepted * alive)
-        self.rejected.index_add_(0, rows, rejected.long() * alive)
-        self.rounds.index_add_(0, rows, alive)
-        histogram.index_add_(0, accepted.clamp(max=len(histogram) - 1), alive)
+        """Add one round of the rows `rows` (only those `alive`; None: every row) on the device; nothing is read
+        back."""
+        counts = torch.stack([drafted, accepted, rejected, alive]) * alive
+        if rows is None:
+            self.counters += counts
+        else:
+            self.counters.index_add_(1, rows, counts)
+        histogram.index_add_(0, accepted.clamp(max=len(histogram) - 1), counts[3])
 
     def finalize(self, histogram: torch.Tensor, clock: PhaseClock) -> None:
         """Bring the device counters to the host once, at the end of generate()."""
         for name in ("drafted", "accepted", "rounds", "rejected"):
             setattr(self, name, getattr(self, name).cpu())
+        self.counters = None
         counts = histogram.tolist()
         while counts and counts[-1] == 0:
             counts.pop()
@@ -121,8 +182,8 @@ class SpecStats:
         self.prefill_seconds = seconds["prefill"]
         self.draft_seconds = seconds["draft"]
         self.verify_seconds = sum(seconds[name] for name in ROUND_PHASES if name != "draft")
-        self.target_forward_seconds = seconds["prefill"] + seconds["verify_forward"]
-        self.draft_forward_seconds = seconds["draft_forward"]
+        self.target_forward_seconds = seconds["model:target_forward"]
+        self.draft_forward_seconds = seconds["model:draft_forward"]
 
     @property
     def acceptance_rate(self) -> float:
