@@ -1,21 +1,26 @@
 """Sampled trees vs sampled chains: τ and tokens/s of the same drafters on the same prompts with the same seeds.
 
-Three rows per drafter and temperature, all with `do_sample=True`, top-p 0.9:
+Four rows per drafter, temperature and top-k, all with `do_sample=True`, top-p 0.9:
 - `chain`:       a sampled chain of γ tokens (Leviathan's rule);
 - `tree-top-k`:  trees whose children are the draft's top-k (`TreeConfig(sampling="top_k")`, the construction
                  before 0.3), accepted with the target's probability of each token;
-- `tree`:        trees whose children are drawn without replacement and verified by recursive rejection
-                 (`TreeConfig(sampling="recursive")`, the default).
+- `tree-q`:      trees whose children are all drawn from q without replacement and verified by recursive rejection
+                 (`TreeConfig(sibling_temperature=1.0)`, the sampled trees of 0.3);
+- `tree`:        the default: the first child from q, later siblings from q sharpened to
+                 `TreeConfig.sibling_temperature` (0.33), verified by recursive rejection.
+
+Every method runs on every prompt with the same seed, one after the other in an order rotated per prompt (so load
+drift hits all alike), with a fresh drafter per prompt. `--top-k 50 0`: transformers' default top-k of 50 (most
+generation configs keep it) and none (the nucleus alone).
 
 Pairs:
 - `lab`:   the lab's target and its trained drafters (`--lab out/lab`, made by recipes/lab.py), on its held-out
-           prompts, through the benchmark suite (chains of 4, trees 4/2/12 as in the lab);
+           prompts (chains of 4, trees 4/2/12 as in the lab; `--tree` / `--chain` to change);
 - `flat`:  a tiny Qwen2 target whose distribution is almost flat (max probability about 0.03) and a draft that
-           matches it almost exactly: the case where top-k children fail hardest;
-- `synthetic`: the benchmark's 206M synthetic pair at agreement 0.9 (one prompt per category).
+           matches it almost exactly: the case where top-k children fail hardest (chains of 5, trees 5/4/24).
 
-    python recipes/tree_sampling_bench.py --lab out/lab                  # lab + flat (~10 min on 2 CPU cores)
-    python recipes/tree_sampling_bench.py --pairs flat synthetic
+    python recipes/tree_sampling_bench.py --lab out/lab --drafters sft distill-fkl-long   # ~15 min on 2 CPU cores
+    python recipes/tree_sampling_bench.py --pairs flat
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,60 +36,89 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_specdec import ModelDrafter, TreeConfig
-from hf_specdec.bench import SuiteConfig, run_suite
 
-METHODS = ("chain", "tree-top-k", "tree")
+METHODS = ("chain", "tree-top-k", "tree-q", "tree")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["lab", "flat"], choices=["lab", "flat", "synthetic"])
+    parser.add_argument("--pairs", nargs="+", default=["lab", "flat"], choices=["lab", "flat"])
     parser.add_argument("--lab", default="out/lab", help="output_dir of recipes/lab.py")
     parser.add_argument("--drafters", nargs="+", default=None, help="lab drafters to measure [every one]")
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.6, 1.0])
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--top-k", nargs="+", type=int, default=[50, 0], help="0 = no top-k truncation")
+    parser.add_argument("--chain", type=int, default=None, help="chain length [lab 4, flat 5]")
+    parser.add_argument("--tree", type=int, nargs=3, default=None, metavar=("DEPTH", "TOP_K", "MAX_NODES"),
+                        help="tree shape [lab 4 2 12, flat 5 4 24]")
+    parser.add_argument("--prompts", type=int, default=16, help="lab prompts (flat: 8)")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="out/tree_sampling_bench.json")
     return parser.parse_args(argv)
 
 
-def suite_rows(config: SuiteConfig, pair: str) -> list[dict]:
-    """One row per (drafter, method) of a sampling-only suite run."""
-    report = run_suite(config, show_progress=True)
+def drafters_to_compare(draft, chain_length: int, shape: tuple[int, int, int]) -> dict:
+    return {"chain": lambda: ModelDrafter(draft, num_draft_tokens=chain_length),
+            "tree-top-k": lambda: ModelDrafter(draft, tree=TreeConfig(*shape, sampling="top_k")),
+            "tree-q": lambda: ModelDrafter(draft, tree=TreeConfig(*shape, sibling_temperature=1.0)),
+            "tree": lambda: ModelDrafter(draft, tree=TreeConfig(*shape))}
+
+
+def measure(target, draft, prompts: list[torch.Tensor], sampling: dict, args, chain_length: int,
+            shape: tuple[int, int, int]) -> dict[str, dict]:
+    """{method: {"tau", "tokens_per_second"}} over the prompts, every method with the same seed per prompt."""
+    makers = drafters_to_compare(draft, chain_length, shape)
+    totals = {method: dict(accepted=0, rounds=0, tokens=0, seconds=0.0) for method in makers}
+    for index, prompt in enumerate(prompts):
+        order = list(makers)[index % len(makers):] + list(makers)[: index % len(makers)]
+        for method in order:
+            torch.manual_seed(index)
+            start = time.perf_counter()
+            out = target.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **sampling,
+                                  max_new_tokens=args.new_tokens, assistant_model=makers[method](),
+                                  return_dict_in_generate=True, pad_token_id=0)
+            total, stats = totals[method], out.spec_stats
+            total["seconds"] += time.perf_counter() - start
+            total["accepted"] += int(stats.accepted.sum())
+            total["rounds"] += int(stats.rounds.sum())
+            total["tokens"] += int(stats.new_tokens.sum())
+    return {method: dict(tau=(t["accepted"] + t["rounds"]) / t["rounds"], tokens_per_second=t["tokens"] / t["seconds"])
+            for method, t in totals.items()}
+
+
+def rows_for(pair: str, drafter: str, target, draft, prompts, args, chain_length, shape) -> list[dict]:
     rows = []
-    for row in report["pairs"][0]["rows"]:
-        if row["experiment"] in METHODS:
-            overall = row["overall"]
-            rows.append(dict(pair=pair, drafter=row["drafter"], method=row["experiment"],
-                             temperature=config.temperature, tau=overall["mean_accepted_length"],
-                             tokens_per_second=overall["tokens_per_second"], speedup=overall["speedup"]))
+    for temperature in args.temperatures:
+        for top_k in args.top_k:
+            sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p, top_k=top_k)
+            results = measure(target, draft, prompts, sampling, args, chain_length, shape)
+            rows += [dict(pair=pair, drafter=drafter, method=method, temperature=temperature, top_k=top_k,
+                          chain=chain_length, tree=list(shape), **result) for method, result in results.items()]
+            print(table(rows[-len(results):]), flush=True)
     return rows
 
 
-def lab_rows(args, temperature: float) -> list[dict]:
+def lab_rows(args) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from hf_specdec.drafters import lab_checkpoints
 
-    target, drafters = lab_checkpoints(args.lab)
-    if args.drafters:
-        drafters = {name: path for name, path in drafters.items() if name in args.drafters}
-    config = SuiteConfig(target=target, drafters=drafters, prompts=(str(Path(args.lab) / "heldout.jsonl"),),
-                         prompts_per_category=16, experiments=("plain", *METHODS), decodings=("sample",),
-                         temperature=temperature, top_p=args.top_p, max_new_tokens=64, num_draft_tokens=4,
-                         tree=(4, 2, 12), repeats=args.repeats, threads=args.threads)
-    return suite_rows(config, "lab")
+    target_dir, drafters = lab_checkpoints(args.lab)
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    lines = Path(args.lab, "heldout.jsonl").read_text().splitlines()[: args.prompts]
+    prompts = [tokenizer(json.loads(line)["prompt"], return_tensors="pt").input_ids for line in lines]
+    rows = []
+    for name, path in drafters.items():
+        if args.drafters is None or name in args.drafters:
+            draft = AutoModelForCausalLM.from_pretrained(path).eval()
+            rows += rows_for("lab", name, target, draft, prompts, args, args.chain or 4, tuple(args.tree or (4, 2, 12)))
+    return rows
 
 
-def synthetic_rows(args, temperature: float) -> list[dict]:
-    config = SuiteConfig(experiments=("plain", *METHODS), decodings=("sample",), temperature=temperature,
-                         top_p=args.top_p, repeats=args.repeats, threads=args.threads, max_prompt_tokens=128)
-    return suite_rows(config, "synthetic")
-
-
-def flat_rows(args, temperature: float) -> list[dict]:
-    """The flat pair, timed directly: 8 prompts × 64 tokens, one left-padded batch of 1 at a time."""
-    import time
-
+def flat_rows(args) -> list[dict]:
+    """A tiny Qwen2 whose largest probability is about 0.03 and a near-copy draft; 8 prompts of 12 tokens."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(3)
@@ -97,51 +132,31 @@ def flat_rows(args, temperature: float) -> list[dict]:
         target.lm_head.weight.mul_(5.0)  # flat: the largest probability is about 0.03
         for parameter in draft.parameters():  # a near-copy: agrees with the target almost everywhere
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02 * parameter.std())
-    prompts = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
-    drafters = {"chain": lambda: ModelDrafter(draft, num_draft_tokens=5),
-                "tree-top-k": lambda: ModelDrafter(draft, tree=TreeConfig(5, 4, 24, sampling="top_k")),
-                "tree": lambda: ModelDrafter(draft, tree=TreeConfig(5, 4, 24))}
-    rows = []
-    for method, make in drafters.items():
-        accepted = rounds = tokens = 0
-        seconds = 0.0
-        torch.manual_seed(1)
-        for prompt in prompts:
-            start = time.perf_counter()
-            out = target.generate(input_ids=prompt[None], do_sample=True, temperature=temperature, top_p=args.top_p,
-                                  max_new_tokens=64, assistant_model=make(), return_dict_in_generate=True,
-                                  pad_token_id=0)
-            seconds += time.perf_counter() - start
-            stats = out.spec_stats
-            accepted, rounds = accepted + int(stats.accepted.sum()), rounds + int(stats.rounds.sum())
-            tokens += int(stats.new_tokens.sum()) if stats.new_tokens is not None else 64
-        rows.append(dict(pair="flat", drafter="near-copy", method=method, temperature=temperature,
-                         tau=(accepted + rounds) / rounds, tokens_per_second=tokens / seconds, speedup=None))
-    return rows
+    prompts = list(torch.randint(3, 128, (8, 1, 12), generator=torch.Generator().manual_seed(0)))
+    return rows_for("flat", "near-copy", target, draft, prompts, args, args.chain or 5, tuple(args.tree or (5, 4, 24)))
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (pair, drafter, temperature) with τ and tok/s of each method and tree ÷ chain."""
-    lines = ["| pair | drafter | T | τ chain | τ tree-top-k | τ tree | tree ÷ chain (τ) | tok/s chain | tok/s "
-             "tree-top-k | tok/s tree |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: one line per (pair, drafter, temperature, top-k) with τ and tok/s of each method and tree ÷ chain."""
+    lines = ["| pair | drafter | T | top-k | " + " | ".join(f"τ {m}" for m in METHODS) + " | tree ÷ chain (τ) | "
+             + " | ".join(f"tok/s {m}" for m in METHODS) + " |", "|---|---|---:|---:|" + "---:|" * (2 * len(METHODS) + 1)]
     groups: dict[tuple, dict] = {}
     for row in rows:
-        groups.setdefault((row["pair"], row["drafter"], row["temperature"]), {})[row["method"]] = row
-    for (pair, drafter, temperature), methods in groups.items():
-        tau = {m: methods[m]["tau"] if m in methods else None for m in METHODS}
-        speed = {m: methods[m]["tokens_per_second"] if m in methods else None for m in METHODS}
-        ratio = tau["tree"] / tau["chain"] if tau["tree"] and tau["chain"] else None
-        cells = [f"{tau[m]:.2f}" if tau[m] else "–" for m in METHODS] + [f"{ratio:.2f}×" if ratio else "–"]
-        cells += [f"{speed[m]:.1f}" if speed[m] else "–" for m in METHODS]
-        lines.append(f"| {pair} | {drafter} | {temperature} | " + " | ".join(cells) + " |")
+        groups.setdefault((row["pair"], row["drafter"], row["temperature"], row["top_k"]), {})[row["method"]] = row
+    for (pair, drafter, temperature, top_k), methods in groups.items():
+        tau = [f"{methods[m]['tau']:.2f}" if m in methods else "–" for m in METHODS]
+        speed = [f"{methods[m]['tokens_per_second']:.1f}" if m in methods else "–" for m in METHODS]
+        ratio = f"{methods['tree']['tau'] / methods['chain']['tau']:.2f}×" if {"tree", "chain"} <= set(methods) else "–"
+        lines.append(f"| {pair} | {drafter} | {temperature} | {top_k or 'off'} | " + " | ".join(tau) + f" | {ratio} | "
+                     + " | ".join(speed) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    measure = {"lab": lab_rows, "flat": flat_rows, "synthetic": synthetic_rows}
-    rows = [row for pair in args.pairs for temperature in args.temperatures for row in measure[pair](args, temperature)]
+    measure_pair = {"lab": lab_rows, "flat": flat_rows}
+    rows = [row for pair in args.pairs for row in measure_pair[pair](args)]
     print(table(rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -110,6 +110,8 @@ def test_tree_config_validates_the_rule():
         TreeConfig(sampling="gumbel")
     with pytest.raises(ValueError, match="coverage"):
         TreeConfig(coverage=0.0)
+    with pytest.raises(ValueError, match="sibling_temperature"):
+        TreeConfig(sibling_temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,7 @@ def random_tables(vocab=5, seed=0):
     return p1 / p1.sum(), p2 / p2.sum(-1, keepdim=True), q1.log().log_softmax(-1), q2.log().log_softmax(-1)
 
 
-def verify_rows(tables, rows=200_000, top_k=3, max_nodes=6, coverage=0.95, seed=0):
+def verify_rows(tables, rows=200_000, top_k=3, max_nodes=6, coverage=0.95, seed=0, sibling_temperature=1.0):
     """One round of a depth-2 sampled tree for `rows` independent rows against fixed target/draft tables:
     returns (first token, second token or -1, draft). No model: the drafter and the target are tables."""
     from hf_specdec.verify import verify
@@ -159,7 +161,8 @@ def verify_rows(tables, rows=200_000, top_k=3, max_nodes=6, coverage=0.95, seed=
     p1, p2, log_q1, log_q2 = tables
     torch.manual_seed(seed)
     capacity = top_k + top_k * top_k
-    buffers = SampledCandidates(rows, capacity, 2, "cpu", coverage, SiblingAcceptance(top_k, "cpu").log_reach_by_rank())
+    buffers = SampledCandidates(rows, capacity, 2, "cpu", coverage, SiblingAcceptance(top_k, "cpu").log_reach_by_rank(),
+                                sibling_temperature=sibling_temperature)
     frontier = buffers.add_children(log_q1.expand(rows, 1, -1), parents=None, top_k=top_k)
     children = buffers.add_children(log_q2[buffers.tokens.gather(1, frontier)], frontier, top_k)
     buffers.best(children, top_k)
@@ -189,11 +192,13 @@ def worst_deviation(first, second, p1, p2, min_count=1000):
     return worst
 
 
-def test_one_round_emits_the_targets_distribution_at_both_depths():
+@pytest.mark.parametrize("sibling_temperature", [1.0, 0.5, 2.0])
+def test_one_round_emits_the_targets_distribution_at_both_depths(sibling_temperature):
     """200k independent rows of one verification round: the first token follows p1 and, given an accepted first
-    draft token x, the second follows p2[x] (4.5 standard errors; a 2% bias on these counts is ~9)."""
+    draft token x, the second follows p2[x] (4.5 standard errors; a 2% bias on these counts is ~9), whatever
+    temperature the later siblings are drawn at."""
     tables = random_tables()
-    first, second, draft = verify_rows(tables)
+    first, second, draft = verify_rows(tables, sibling_temperature=sibling_temperature)
     assert draft.valid.sum(-1).float().mean() > 3  # siblings are drafted (coverage 0.95 on flat-ish q)
     assert worst_deviation(first, second, tables[0], tables[1]) < 4.5
 
@@ -208,6 +213,40 @@ def test_one_round_check_catches_siblings_verified_against_the_wrong_q(monkeypat
     tables = random_tables()
     first, second, _ = verify_rows(tables)
     assert worst_deviation(first, second, tables[0], tables[1]) > 4.5
+
+
+def test_one_round_check_catches_sharpened_siblings_verified_against_q(monkeypatch):
+    """Siblings drawn from a sharpened q but verified against q itself (not what they were drawn from) fail the
+    same check."""
+    drawn_from = SampledCandidates._sibling_distributions
+
+    def verified_against_q(self, chosen, top_k):
+        self.sibling_temperature, temperature = 1.0, self.sibling_temperature
+        try:
+            return drawn_from(self, chosen, top_k)
+        finally:
+            self.sibling_temperature = temperature
+
+    monkeypatch.setattr(SampledCandidates, "_sibling_distributions", verified_against_q)
+    tables = random_tables()
+    first, second, _ = verify_rows(tables, sibling_temperature=0.5)
+    assert worst_deviation(first, second, tables[0], tables[1]) > 4.5
+
+
+def test_sharpened_siblings_are_distinct_and_drawn_from_the_support():
+    """A two-token q with top_k=4: the first child and one sibling, never a repeat or a zero-probability token."""
+    log_q = torch.full((64, 1, VOCAB), float("-inf"))
+    log_q[..., 3], log_q[..., 5] = -0.1, -2.0
+    log_q = log_q.log_softmax(-1)
+    buffers = SampledCandidates(64, 4, 1, "cpu", 1.0, SiblingAcceptance(4, "cpu").log_reach_by_rank(),
+                                sibling_temperature=0.3)
+    buffers.add_children(log_q, parents=None, top_k=4)
+    draft, _ = buffers.select(4, 4)
+    assert draft.valid.sum(-1).tolist() == [2] * 64
+    tokens = draft.tokens.masked_fill(~draft.valid, -1).sort(-1).values[:, -2:]
+    assert tokens.tolist() == [[3, 5]] * 64
+    second = draft.probs[:, 1]  # the sibling after token x was drawn from the sharpened q without x: one-hot
+    assert torch.allclose(second.max(-1).values, torch.ones(64))
 
 
 def test_budget_ties_between_nodes_do_not_depend_on_a_siblings_own_value():

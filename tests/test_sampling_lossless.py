@@ -212,19 +212,39 @@ def sibling_kept_by_its_own_probability(original):
     return children_added
 
 
-@pytest.mark.parametrize("bias", ["earlier siblings kept in q", "sibling kept by its own probability"])
+def sharpened_siblings_verified_against_q(original):
+    """Biased: later siblings drawn from the sharpened q but verified against q itself."""
+    def sibling_distributions(self, chosen, top_k):
+        self.sibling_temperature, drawn_at = 1.0, self.sibling_temperature
+        try:
+            return original(self, chosen, top_k)
+        finally:
+            self.sibling_temperature = drawn_at
+    return sibling_distributions
+
+
+@pytest.mark.parametrize("bias", ["earlier siblings kept in q", "sibling kept by its own probability",
+                                  "sharpened siblings verified against q"])
 def test_the_check_catches_a_biased_sampled_tree(target, monkeypatch, bias):
     """Negative control for sampled trees: each plausible mistake in the construction fails the check."""
     from hf_specdec.drafters.trees import SampledCandidates
 
+    sibling_temperature = TreeConfig.sibling_temperature  # the default
     if bias == "earlier siblings kept in q":
         monkeypatch.setattr(SampledCandidates, "_sibling_distributions", wrong_sibling_q)
-    else:
+    elif bias == "sibling kept by its own probability":
         monkeypatch.setattr(SampledCandidates, "_children_added",
                             sibling_kept_by_its_own_probability(SampledCandidates._children_added))
+        sibling_temperature = 1.0  # siblings drawn from q itself: many fall under the cut
+    else:
+        monkeypatch.setattr(SampledCandidates, "_sibling_distributions",
+                            sharpened_siblings_verified_against_q(SampledCandidates._sibling_distributions))
     torch.manual_seed(0)
     settings = SETTINGS["temperature"]
-    generated, _ = sample_batch(target, drafter_for("model-tree-far", target), settings)
+    # a draft far from the target: first children are refused often, so later siblings decide many tokens
+    drafter = ModelDrafter(perturbed_copy(target, noise=1.5, seed=7), tree=TreeConfig(
+        depth=3, top_k=3, max_nodes=9, coverage=0.99, sibling_temperature=sibling_temperature))
+    generated, _ = sample_batch(target, drafter, settings)
     width = max(map(len, PROMPTS))
     worst = max(deviations(generated[row], exact_joint(target, prompt, captured_processors(
         target, prompt, width, do_sample=True, **settings), padded_width=width)) for row, prompt in enumerate(PROMPTS))

@@ -31,6 +31,12 @@ class TreeConfig:
     coverage:  with sampling="recursive", a node wants the fewest children whose draft probabilities (most likely
                first) add up to this mass, at most `top_k`: a confident drafter drafts a chain, an unsure one
                branches.
+    sibling_temperature: with sampling="recursive", a node's first child is drawn from the draft distribution q
+               (the chain's token) and its later siblings from q sharpened to this temperature (q^(1/t),
+               renormalised, without the earlier siblings); each is verified against the distribution it was drawn
+               from, so any value is exact. A sibling is only tried after the first child was refused, where the
+               target wants more than the draft gave, which is mostly on the draft's likely tokens: sharpening
+               raises how often a sibling is accepted (docs/lab.md). 1.0 draws every sibling from q.
     """
 
     depth: int = 5
@@ -38,6 +44,7 @@ class TreeConfig:
     max_nodes: int = 24
     sampling: str = "recursive"
     coverage: float = 0.9
+    sibling_temperature: float = 0.33
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1:
@@ -53,6 +60,9 @@ class TreeConfig:
         if not 0.0 < self.coverage <= 1.0:
             raise ValueError(f"TreeConfig(coverage={self.coverage}) must be in (0, 1]: the draft mass a node's "
                              "children should cover.")
+        if not self.sibling_temperature > 0.0:
+            raise ValueError(f"TreeConfig(sibling_temperature={self.sibling_temperature}) must be > 0: the "
+                             "temperature later siblings are drawn at (1.0 = the draft distribution itself).")
 
 
 @dataclass

@@ -170,7 +170,8 @@ class ModelDrafter(Drafter):
             self.sibling_acceptance.to(device)
             buffers = SampledCandidates(batch_size, self.round_capacity, depth_limit, device, tree.coverage,
                                         self.sibling_acceptance.log_reach_by_rank(),
-                                        level_major=self.distributions_read_the_frontier)
+                                        level_major=self.distributions_read_the_frontier,
+                                        sibling_temperature=tree.sibling_temperature)
         else:
             buffers = TopKCandidates(batch_size, self.round_capacity, depth_limit, device)
 

@@ -8,15 +8,22 @@ tokens of the draft distribution q; the `max_nodes` candidates with the best cum
 verified. The children are deterministic (q one-hot for the verifier), so under sampling a child x is accepted with
 the target's probability p(x) only: a flat target refuses almost every child.
 
-`SampledCandidates` (sampling; the default): a node's children are drawn from q *without replacement* (Gumbel
-top-k, which yields a without-replacement sample in draw order), and the verifier runs recursive rejection over
-them in draw order (Recursive Speculative Decoding, Jeon et al. 2024): sibling j was drawn from
-q_j = q without siblings 1..j-1, renormalised, and is accepted with min(1, p_j(x) / q_j(x)), where p_j is the
-target's residual after the earlier siblings were refused (p_1 = p, p_{j+1} = norm(max(p_j - q_j, 0))); when every
-sibling is refused the token comes from the last residual.
+`SampledCandidates` (sampling; the default): a node's children are drawn *without replacement* (Gumbel top-k,
+which yields a without-replacement sample in draw order), the first from q and the later ones from q sharpened to
+`TreeConfig.sibling_temperature`, and the verifier runs recursive rejection over them in draw order (Recursive
+Speculative Decoding, Jeon et al. 2024, with a proposal per sibling): sibling j was drawn from q_j = q (j = 1) or
+r = norm(q^(1/t)) (j > 1) without siblings 1..j-1, renormalised, and is accepted with min(1, p_j(x) / q_j(x)),
+where p_j is the target's residual after the earlier siblings were refused (p_1 = p,
+p_{j+1} = norm(max(p_j - q_j, 0))); when every sibling is refused the token comes from the last residual.
+
+Why sharpen: sibling j > 1 is only tried after the first was refused, and is then accepted with
+sum min(p_2, q_2), where p_2 = norm(max(p - q, 0)) is where the target wants more than the draft gave. For a
+drafter less confident than its target (a small distilled drafter at T < 1) that is mostly the draft's own likely
+tokens, so drawing siblings from a sharper q raises their acceptance (docs/lab.md measures it per drafter).
 
 Why it is exact (sketch). One step is Leviathan's lemma: x ~ q_j accepted with min(1, p_j/q_j), else a token
-from norm(max(p_j - q_j, 0)), gives a token distributed as p_j. Induct over the siblings from the last one: what
+from norm(max(p_j - q_j, 0)), gives a token distributed as p_j, for *any* proposal q_j: so every sibling may have
+its own, as long as it is verified against the one it was drawn from. Induct over the siblings from the last one: what
 follows a refusal outputs a token distributed as p_{j+1} whatever x_1..x_j were (x_{j+1} ~ q_{j+1} is a fresh
 draw given them), so each step outputs p_j and the node outputs p_1 = p; an accepted child continues with the
 target's distribution after it, so the whole path follows the target. The lemma needs a node's sibling list to be
@@ -137,6 +144,10 @@ class TopKCandidates:
                      probs=probs, max_depth=self.paths.shape[-1], max_children=top_k)
 
 
+def _gumbel_like(log_q: torch.Tensor) -> torch.Tensor:
+    return -torch.empty_like(log_q).exponential_().log()
+
+
 LEVEL_GAP = 1e4  # larger than any |log reach| (at most depth * top_k * log(100)): depth dominates the key
 
 
@@ -188,9 +199,10 @@ class SampledCandidates(TopKCandidates):
     exactly the target's distribution)."""
 
     def __init__(self, batch_size: int, capacity: int, max_depth: int, device, coverage: float,
-                 log_reach_by_rank: torch.Tensor, level_major: bool = False):
+                 log_reach_by_rank: torch.Tensor, level_major: bool = False, sibling_temperature: float = 1.0):
         super().__init__(batch_size, capacity, max_depth, device)
         self.coverage = coverage
+        self.sibling_temperature = sibling_temperature
         # a drafter whose q at a node reads the whole frontier above it (a sorted drafter's exit gate), not only the
         # node's path, must rank nodes level by level: then every node ranked above sibling j has its candidacy
         # decided by shallower levels only, never by sibling j's token
@@ -204,11 +216,23 @@ class SampledCandidates(TopKCandidates):
         self.parent_log_q: list[torch.Tensor] = []  # per level: [B, F, V] what the children were drawn from
 
     def _choose_children(self, log_q: torch.Tensor, top_k: int) -> torch.Tensor:
-        gumbel = -torch.empty_like(log_q).exponential_().log()
-        return (log_q + gumbel).topk(top_k, dim=-1).indices  # a without-replacement sample of q, in draw order
+        """The first child drawn from q (the chain's token), then top_k - 1 siblings from q sharpened to
+        `sibling_temperature` without it: Gumbel top-k, a without-replacement sample in draw order. Once q's
+        support is used up the draws repeat the first child or have q = 0; `_children_added` drops those."""
+        first = (log_q + _gumbel_like(log_q)).argmax(-1, keepdim=True)
+        if top_k == 1:
+            return first
+        sharpened = self._sibling_log_weights(log_q).scatter(-1, first, float("-inf"))
+        later = (sharpened + _gumbel_like(log_q)).topk(top_k - 1, dim=-1).indices
+        return torch.cat([first, later], dim=-1)
+
+    def _sibling_log_weights(self, log_q: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log weights siblings after the first are drawn from: q^(1 / sibling_temperature)."""
+        return log_q if self.sibling_temperature == 1.0 else log_q / self.sibling_temperature
 
     def _children_added(self, ids, log_q, parent_ids, parent_scores, child_log_q) -> None:
         batch_size, num_parents, top_k = child_log_q.shape
+        child_tokens = self.tokens[:, ids].view(batch_size, num_parents, top_k)
         slots = sum(level.shape[1] for level in self.parent_log_q) + torch.arange(num_parents, device=log_q.device)
         self.parent_log_q.append(log_q)
         self.q_slot[:, ids] = slots.repeat_interleave(top_k)
@@ -225,7 +249,8 @@ class SampledCandidates(TopKCandidates):
         # children a node wants: the fewest of q's most likely tokens that cover `coverage` of its mass
         top_mass = log_q.exp().topk(top_k, dim=-1).values.cumsum(-1)
         wanted_count = 1 + (top_mass[..., :-1] < self.coverage).sum(-1)
-        candidate = (ranks < wanted_count[..., None]) & torch.isfinite(child_log_q) & of_parent(self.candidate, True)[..., None]
+        drawn = torch.isfinite(child_log_q) & ((ranks == 0) | (child_tokens != child_tokens[..., :1]))
+        candidate = (ranks < wanted_count[..., None]) & drawn & of_parent(self.candidate, True)[..., None]
         self.candidate[:, ids] = candidate.reshape(batch_size, -1)
 
     def _key(self, ids: torch.Tensor) -> torch.Tensor:
@@ -257,12 +282,14 @@ class SampledCandidates(TopKCandidates):
         return self.rank.gather(1, chosen)
 
     def _sibling_distributions(self, chosen: torch.Tensor, top_k: int) -> torch.Tensor:
-        """[B, N, V] q_j for each chosen node: its parent's q with the earlier siblings' tokens removed,
-        renormalised (in log space: the earlier siblings may hold all of q's representable mass)."""
+        """[B, N, V] what each chosen node was drawn from: its parent's q for a first child; for a later sibling
+        q sharpened to `sibling_temperature` with the earlier siblings' tokens removed, renormalised (in log space:
+        the earlier siblings may hold all of q's representable mass)."""
         parent_log_q = torch.cat(self.parent_log_q, dim=1)
         slot = self.q_slot.gather(1, chosen)
         log_q = parent_log_q.gather(1, slot[..., None].expand(-1, -1, parent_log_q.shape[-1]))
         rank = self.rank.gather(1, chosen)
+        log_q = torch.where((rank > 0)[..., None], self._sibling_log_weights(log_q), log_q)
         offsets = torch.arange(max(top_k - 1, 0), device=log_q.device)
         # a node's siblings have consecutive ids (add_children lays children out parent by parent), so the ones
         # drawn before it are the `rank` ids just below it
