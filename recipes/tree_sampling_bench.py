@@ -4,10 +4,8 @@ Four rows per drafter, temperature and top-k, all with `do_sample=True`, top-p 0
 - `chain`:       a sampled chain of γ tokens (Leviathan's rule);
 - `tree-top-k`:  trees whose children are the draft's top-k (`TreeConfig(sampling="top_k")`, the construction
                  before 0.3), accepted with the target's probability of each token;
-- `tree-q`:      trees whose children are all drawn from q without replacement and verified by recursive rejection
-                 (`TreeConfig(sibling_temperature=1.0)`, the sampled trees of 0.3);
-- `tree`:        the default: the first child from q, later siblings from q sharpened to
-                 `TreeConfig.sibling_temperature` (0.33), verified by recursive rejection.
+- `tree`:        the default: children drawn from q without replacement and verified by recursive rejection;
+- `tree-sharp`:  the same with later siblings drawn from q sharpened to `TreeConfig(sibling_temperature=0.33)`.
 
 Every method runs on every prompt with the same seed, one after the other in an order rotated per prompt (so load
 drift hits all alike), with a fresh drafter per prompt. `--top-k 50 0`: transformers' default top-k of 50 (most
@@ -37,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_specdec import ModelDrafter, TreeConfig
 
-METHODS = ("chain", "tree-top-k", "tree-q", "tree")
+METHODS = ("chain", "tree-top-k", "tree", "tree-sharp")
 
 
 def parse_args(argv=None):
@@ -61,8 +59,8 @@ def parse_args(argv=None):
 def drafters_to_compare(draft, chain_length: int, shape: tuple[int, int, int]) -> dict:
     return {"chain": lambda: ModelDrafter(draft, num_draft_tokens=chain_length),
             "tree-top-k": lambda: ModelDrafter(draft, tree=TreeConfig(*shape, sampling="top_k")),
-            "tree-q": lambda: ModelDrafter(draft, tree=TreeConfig(*shape, sibling_temperature=1.0)),
-            "tree": lambda: ModelDrafter(draft, tree=TreeConfig(*shape))}
+            "tree": lambda: ModelDrafter(draft, tree=TreeConfig(*shape)),
+            "tree-sharp": lambda: ModelDrafter(draft, tree=TreeConfig(*shape, sibling_temperature=0.33))}
 
 
 def measure(target, draft, prompts: list[torch.Tensor], sampling: dict, args, chain_length: int,

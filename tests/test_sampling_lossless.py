@@ -115,6 +115,9 @@ def drafter_for(kind, target):
         # a draft far from the target: first children are refused often, so later siblings decide many tokens
         "model-tree-far": lambda: ModelDrafter(perturbed_copy(target, noise=1.5, seed=7),
                                                tree=TreeConfig(depth=3, top_k=3, max_nodes=9, coverage=0.99)),
+        # later siblings drawn from a sharpened q (TreeConfig.sibling_temperature), each verified against its own
+        "model-tree-sharp": lambda: ModelDrafter(perturbed_copy(target, noise=1.5, seed=7), tree=TreeConfig(
+            depth=3, top_k=3, max_nodes=9, coverage=0.99, sibling_temperature=0.33)),
         "ngram-chain": lambda: NGramDrafter(max_ngram=2, num_draft_tokens=3),
         "ngram-tree": lambda: NGramDrafter(max_ngram=2, tree=TreeConfig(depth=3, top_k=2, max_nodes=6)),
         # exits 1 and 2 of the perturbed copy; a threshold near the median max-probability mixes the two
@@ -153,7 +156,8 @@ def sample_batch(target, drafter, settings):
 # drafts (one-hot) on a subset
 CASES = [(kind, setting) for kind in ("model-chain", "model-tree") for setting in SETTINGS] + [
     ("model-tree-top-k", "temperature"), ("model-tree-top-k", "top-p"), ("model-tree-wide", "temperature"),
-    ("model-tree-wide", "top-k"), ("model-tree-far", "temperature")] + [
+    ("model-tree-wide", "top-k"), ("model-tree-far", "temperature"), ("model-tree-sharp", "temperature"),
+    ("model-tree-sharp", "top-p")] + [
     (kind, setting) for kind in ("ngram-chain", "ngram-tree") for setting in ("temperature", "repetition-penalty",
                                                                             "no-repeat-ngram")] + [
     (kind, setting) for kind in ("sorted-chain", "sorted-tree", "guided-chain", "guided-tree", "eagle3-chain",
@@ -235,10 +239,10 @@ def test_the_check_catches_a_biased_sampled_tree(target, monkeypatch, bias):
     elif bias == "sibling kept by its own probability":
         monkeypatch.setattr(SampledCandidates, "_children_added",
                             sibling_kept_by_its_own_probability(SampledCandidates._children_added))
-        sibling_temperature = 1.0  # siblings drawn from q itself: many fall under the cut
     else:
         monkeypatch.setattr(SampledCandidates, "_sibling_distributions",
                             sharpened_siblings_verified_against_q(SampledCandidates._sibling_distributions))
+        sibling_temperature = 0.33
     torch.manual_seed(0)
     settings = SETTINGS["temperature"]
     # a draft far from the target: first children are refused often, so later siblings decide many tokens

@@ -32,11 +32,12 @@ class TreeConfig:
                first) add up to this mass, at most `top_k`: a confident drafter drafts a chain, an unsure one
                branches.
     sibling_temperature: with sampling="recursive", a node's first child is drawn from the draft distribution q
-               (the chain's token) and its later siblings from q sharpened to this temperature (q^(1/t),
-               renormalised, without the earlier siblings); each is verified against the distribution it was drawn
-               from, so any value is exact. A sibling is only tried after the first child was refused, where the
-               target wants more than the draft gave, which is mostly on the draft's likely tokens: sharpening
-               raises how often a sibling is accepted (docs/lab.md). 1.0 draws every sibling from q.
+               (the chain's token) and its later siblings from q^(1/t), renormalised, without the earlier siblings;
+               each is verified against the distribution it was drawn from, so any value is exact. A sibling is
+               only tried after the first child was refused, where the target wants more than the draft gave: for
+               a drafter less confident than its target that is mostly the draft's likely tokens, and t < 1 (e.g.
+               0.33) raises how often siblings are accepted; for an over-confident one it lowers it (docs/lab.md
+               measures both). 1.0 (default) draws every sibling from q.
     """
 
     depth: int = 5
@@ -44,7 +45,7 @@ class TreeConfig:
     max_nodes: int = 24
     sampling: str = "recursive"
     coverage: float = 0.9
-    sibling_temperature: float = 0.33
+    sibling_temperature: float = 1.0
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1:
