@@ -15,7 +15,9 @@ shared `SlotKVCache`) and the per-row bookkeeping:
 - tentative slots: the draft-tree nodes of the current round. A node with round id n is written to slot
   `kv_length[b] + n`; a query sees it only if it is the query's own node or an ancestor. `keep()` moves the
   accepted path to `kv_length[b] + 0, 1, ...` (for a chain whose ids are depths this is already the case) and
-  commits it; rejected slots are simply overwritten later, so nothing ever needs compacting.
+  commits it; rejected slots are simply overwritten later, so nothing ever needs compacting. Chain nodes
+  (`forward_chain`) need no tree mask: a chain node's ancestors are the nodes before it, so their slots turn
+  visible in `committed_bias` itself as they are fed and `keep()` hides the ones not kept.
 - holes (padding queries, rows without a node at that place) write to the last slot, which nobody reads.
 
 Prefill of a whole model runs the model's own causal path (no dense `[B, P, P]` mask) on a throw-away
@@ -23,6 +25,8 @@ Prefill of a whole model runs the model's own causal path (no dense `[B, P, P]` 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers import DynamicCache
@@ -138,9 +142,9 @@ class SlotCache:
         self.max_round_nodes = max_round_nodes
         # which round ids were fed this round; the last column takes the holes' writes
         self.written = torch.zeros(batch_size, max_round_nodes + 1, dtype=torch.bool, device=device)
+        self.live_steps = 0  # chain nodes of this round made visible in committed_bias (see forward_chain)
         self.device = self.kv_length.device  # "cuda" → "cuda:0": compared with tensors' devices below
         self.host_length = 0  # an upper bound of kv_length.max(), known without reading the device
-        self.aranges: dict[int, torch.Tensor] = {}
         # views and offsets that stay the same for a whole round, keyed by what they are made of; dropped when the
         # round is resolved (kv_length is then a new tensor)
         self.round_views: dict = {}
@@ -193,7 +197,7 @@ class SlotCache:
     def forward_committed(self, inputs: torch.Tensor, valid: torch.Tensor, **model_kwargs):
         """Append text (prompt or pending accepted tokens), causal among itself; `valid=False` entries are holes.
         Valid entries take the next slots in order."""
-        valid = _on(valid, self.device)
+        valid = on_device(valid, self.device)
         rank = valid.long().cumsum(-1) - 1
         slots = torch.where(valid, self.kv_length[:, None] + rank, self.scratch)
         positions = self.next_position[:, None] + rank.clamp(min=0)
@@ -212,7 +216,7 @@ class SlotCache:
         """Feed draft-tree nodes of this round. `node_ids` [B, Q]: each query's round id (its slot offset; -1 =
         hole), `depths` [B, Q] its distance from the next committed position (0 = the next token), `ancestors`
         [B, M, M] the round's ancestor-or-self relation over node ids."""
-        node_ids, depths, ancestors = _on(node_ids, self.device), _on(depths, self.device), _on(ancestors, self.device)
+        node_ids, depths, ancestors = on_device(node_ids, self.device), on_device(depths, self.device), on_device(ancestors, self.device)
         round_ = self._round_views()
         valid = node_ids >= 0
         query_nodes = node_ids.clamp(min=0)
@@ -231,6 +235,30 @@ class SlotCache:
         columns = self._round_view("columns", width).expand(-1, queries, -1)
         mask.scatter_(2, columns, torch.where(sees, self.visible_bias, self.hidden_bias))
         return self._forward(inputs, slots, positions, mask, span, valid, **model_kwargs)
+
+    def forward_chain(self, inputs, first: int = 0, valid=None, **model_kwargs):
+        """Feed chain nodes `first .. first + Q - 1` of this round ([B, Q] inputs; nodes before `first` were fed
+        earlier, in order), node n at slot `kv_length + n`, depth n; `valid` [B, Q] marks real nodes (None: all).
+        Their slots turn visible in `committed_bias`, which with a causal cut among the new nodes is the whole
+        mask (a hole query sees everything visible, so it never meets an all-masked row)."""
+        queries = inputs.shape[1]
+        round_ = self._round_views()
+        offsets = shared_arange(queries, self.device, first)
+        slots, positions = round_["kv_length"] + offsets, round_["next_position"] + offsets
+        if valid is None:
+            self.committed_bias.scatter_(1, slots, 0.0)
+            if self.sliding_window is not None:
+                self.slot_positions.scatter_(1, slots, positions)
+        else:
+            valid = on_device(valid, self.device)
+            slots = torch.where(valid, slots, self.scratch)
+            self._commit_slots(slots, valid, positions)
+        self.live_steps = max(self.live_steps, first + queries)
+        span = self._span(self.max_round_nodes)
+        mask = self._round_view("committed", span)
+        if queries > 1:  # (one query: nothing after it is visible yet)
+            mask = torch.where(self._arange(span) <= slots[:, :, None], mask, self.hidden_bias)
+        return self._forward(inputs, slots, positions, mask, span, None, **model_kwargs)
 
     def forward_tentative_rows(self, rows, inputs, node_ids, depths, ancestors, **model_kwargs):
         """`forward_tentative` computed for `rows` only; every other row gets holes and zero outputs (for segments
@@ -260,17 +288,20 @@ class SlotCache:
         return view
 
     def _forward(self, inputs, slots, positions, mask, span, valid, **model_kwargs):
+        """Run the model on `inputs` written to `slots`; `valid` marks real queries (None: no holes, and `mask` may
+        be a view of the cache's own state, never written here)."""
         if self.sliding_window is not None:
             key_positions = self.slot_positions[:, None, :span]
             mask = mask.masked_fill(positions[:, :, None] - key_positions >= self.sliding_window, self.masked)
-        # a hole query must still see some key, or softmax over an all-masked row gives NaN: let it see slot 0
-        mask.select(2, 0).masked_fill_(~valid, 0.0)
+        if valid is not None:
+            # a hole query must still see some key, or softmax over an all-masked row gives NaN: let it see slot 0
+            mask.select(2, 0).masked_fill_(~valid, 0.0)
         self.cache.write_slots, self.cache.read_span = slots, span
         with PhaseClock.model_call():
             return self.run(inputs, mask[:, None], positions, self.cache, **model_kwargs)
 
     def _run_model(self, input_ids, attention_mask, position_ids, cache, **model_kwargs):
-        return self.call(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+        return self.call(input_ids=on_device(input_ids, self.device), attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, **{cache_argument(self.model): cache},
                          **model_kwargs)
 
@@ -286,10 +317,7 @@ class SlotCache:
             self.slot_positions.scatter_(1, slots, positions)
 
     def _arange(self, length: int) -> torch.Tensor:
-        """`arange(length)` on the cache's device, made once per length."""
-        if length not in self.aranges:
-            self.aranges[length] = torch.arange(length, device=self.device)
-        return self.aranges[length]
+        return shared_arange(length, self.device)
 
     def _round_views(self) -> dict:
         """This round's fixed views and offsets (a round's tentative forwards share them): made again once
@@ -321,11 +349,13 @@ class SlotCache:
     def keep(self, node_ids: torch.Tensor, counts: torch.Tensor, in_place: bool = False):
         """Commit, per row, the first `counts[b]` nodes of `node_ids[b]` (an accepted root-to-leaf path, in order)
         to the next committed slots and drop the rest of the round. `in_place`: node i already sits at offset i
-        (a chain whose round ids are depths), so no keys or values move."""
-        node_ids, counts = _on(node_ids, self.device), _on(counts, self.device)
+        (a chain whose round ids are depths), so no keys or values move. After `forward_chain`, `node_ids` spans
+        at least the nodes fed."""
+        node_ids, counts = on_device(node_ids, self.device), on_device(counts, self.device)
         width = node_ids.shape[1]
         kept = self._arange(width) < counts[:, None]
-        destination = torch.where(kept, self._round_view("columns", width)[:, 0], self.scratch)
+        columns = self._round_view("columns", width)[:, 0]
+        destination = torch.where(kept, columns, self.scratch)
         if not in_place and width:
             source = self.kv_length[:, None] + node_ids.clamp(min=0)
             for index in self._owned():
@@ -337,7 +367,9 @@ class SlotCache:
                     moved = tensor.gather(2, gather)
                     tensor.scatter_(2, destination[:, None, :, None].expand_as(gather), moved)
         positions = self.next_position[:, None] + self._arange(width) if self.sliding_window is not None else None
-        self._commit_slots(destination, kept, positions)
+        # chain nodes made their slots visible: committing every column of the round hides the ones not kept
+        self._commit_slots(columns if self.live_steps else destination, kept, positions)
+        self.live_steps = 0
         self.kv_length = self.kv_length + counts
         self.next_position = self.next_position + counts
         self.host_length += width
@@ -346,9 +378,12 @@ class SlotCache:
     def keep_path(self, path_nodes: torch.Tensor, num_accepted: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """Commit the leading accepted path nodes this cache holds (a node is only fed after its parent, so they
         form a prefix of the path) and drop the rest of the round. Returns how many were kept per row."""
-        path_nodes, num_accepted = _on(path_nodes, self.device), _on(num_accepted, self.device)
-        in_path = self._arange(path_nodes.shape[1]) < num_accepted[:, None]
-        held = self.written.gather(1, path_nodes.clamp(min=0, max=self.max_round_nodes)) & (path_nodes >= 0)
+        path_nodes, num_accepted = on_device(path_nodes, self.device), on_device(num_accepted, self.device)
+        in_path = self._arange(path_nodes.shape[1]) < num_accepted[:, None]  # (so every node in it is >= 0)
+        if self.live_steps:  # a chain: its first `live_steps` nodes were fed
+            held = path_nodes < self.live_steps
+        else:
+            held = self.written.gather(1, path_nodes.clamp(min=0, max=self.max_round_nodes))
         counts = (held & in_path).long().cumprod(-1).sum(-1)
         self.keep(path_nodes, counts, in_place=in_place)
         return counts
@@ -361,9 +396,15 @@ class SlotCache:
             setattr(self, name, getattr(self, name)[rows])
 
 
-def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor.to(device)` without the (per-call, per-round) dispatch when it is already there."""
     return tensor if tensor.device == device else tensor.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def shared_arange(length: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """`arange(start, start + length)`, made once per shape (shared by every call: never written to)."""
+    return torch.arange(start, start + length, device=device)
 
 
 def right_aligned_order(mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import SlotCache, slot_capacity
+from .cache import SlotCache, shared_arange, slot_capacity
 from .compat import cache_argument, hidden_states_request
 from .draft import Draft, ancestor_matrix, path_tokens
 from .drafters.base import DecodingState, Drafter
@@ -206,11 +206,11 @@ class _Run:
                 draft = draft.padded(self.round_nodes)
         with self.clock("verify_forward"):
             chunk = _VerifyChunk(state, draft)
-            outputs = self.target.forward_tentative(chunk.tokens, chunk.node_ids, chunk.depths, chunk.ancestors,
-                                                    **self._hidden_request())
+            outputs = chunk.forward(self.target, **self._hidden_request())
             logits = outputs.logits.float().to(self.device)
         with self.clock("processors"):
-            processed = apply_processors(self.processors, logits, chunk.prefixes()) if self.processors else logits
+            prefixes = chunk.prefixes() if state.reads_text else None
+            processed = apply_processors(self.processors, logits, prefixes) if self.processors else logits
         with self.clock("acceptance"):
             verdict = verify(processed, draft, self.do_sample)
         with self.clock("cache"):
@@ -383,7 +383,7 @@ class _Run:
         rows = self.active
         lengths = self._held(self.lengths)
         counts = torch.where(self._held(self.finished), 0, torch.minimum(counts, self.max_length - lengths))
-        steps = _arange(tokens.shape[1], self.device)
+        steps = shared_arange(tokens.shape[1], self.device)
         within = steps < counts[:, None]
         ended = None
         if self.eos_tokens is not None:
@@ -510,26 +510,39 @@ class _VerifyChunk:
     0..N; see `draft.py`). The chunk index doubles as the node's round id in the target's `SlotCache`."""
 
     def __init__(self, state: DecodingState, draft: Draft):
-        num_nodes = draft.num_nodes
         self.state, self.draft = state, draft
         root = state.sequences.gather(1, (state.lengths - 1)[:, None])
         self.tokens = torch.cat([root, draft.tokens], dim=1)
-        chunk_index, chain, root_row = _chunk_constants(num_nodes, draft.tokens.device)
-        has_node = F.pad(draft.valid, (1, 0), value=True)  # the root is always there
+        self.has_node = F.pad(draft.valid, (1, 0), value=True)  # the root is always there
+
+    def forward(self, cache: SlotCache, **model_kwargs):
+        if self.draft.is_chain:  # root and nodes in order: causal, with holes after each row's last node
+            return cache.forward_chain(self.tokens, valid=self.has_node, **model_kwargs)
+        return cache.forward_tentative(self.tokens, self.node_ids(), self.depths(), self.ancestors(), **model_kwargs)
+
+    def ancestors(self) -> torch.Tensor:
+        """[B, 1 + N, 1 + N] ancestor-or-self relation over chunk indices."""
+        draft = self.draft
+        _, chain, root_row = _chunk_constants(draft.num_nodes, draft.tokens.device)
         if draft.is_chain:
-            self.ancestors = chain & has_node[:, None, :]
-        else:  # the root sees itself; every node sees the root and its own ancestors
-            node_ancestors = ancestor_matrix(draft.parents, draft.max_depth) & draft.valid[:, None, :]
-            self.ancestors = F.pad(node_ancestors, (1, 0, 1, 0), value=True) & root_row
-        self.node_ids = torch.where(has_node, chunk_index, -1)
-        self.depths = F.pad(draft.depths(), (1, 0))
+            return chain & self.has_node[:, None, :]
+        # the root sees itself; every node sees the root and its own ancestors
+        node_ancestors = ancestor_matrix(draft.parents, draft.max_depth) & draft.valid[:, None, :]
+        return F.pad(node_ancestors, (1, 0, 1, 0), value=True) & root_row
+
+    def node_ids(self) -> torch.Tensor:
+        chunk_index = _chunk_constants(self.draft.num_nodes, self.draft.tokens.device)[0]
+        return torch.where(self.has_node, chunk_index, -1)
+
+    def depths(self) -> torch.Tensor:
+        return F.pad(self.draft.depths(), (1, 0))
 
     def prefixes(self) -> TreePrefixes:
         """Each chunk position's prefix (committed text + its path), for input-reading logits processors."""
         draft = self.draft
-        paths = path_tokens(draft.tokens, self.ancestors[:, 1:, 1:], draft.depths(), draft.max_depth)
+        paths = path_tokens(draft.tokens, self.ancestors()[:, 1:, 1:], draft.depths(), draft.max_depth)
         paths = torch.cat([paths.new_zeros(len(paths), 1, paths.shape[-1]), paths], dim=1)
-        return self.state.prefixes(paths, self.depths)
+        return self.state.prefixes(paths, self.depths())
 
 
 @functools.lru_cache(maxsize=32)
@@ -541,12 +554,6 @@ def _chunk_constants(num_nodes: int, device: torch.device):
     root_row = torch.ones_like(chain)
     root_row[0, 1:] = False
     return chunk_index, chain, root_row
-
-
-@functools.lru_cache(maxsize=32)
-def _arange(length: int, device: torch.device) -> torch.Tensor:
-    """`arange(length)`, made once per length (shared, never written to)."""
-    return torch.arange(length, device=device)
 
 
 def _validate(model, input_ids, config, drafter, model_kwargs, processors):

@@ -125,6 +125,11 @@ def _warn_unknown(name: str) -> None:
                       stacklevel=3)
 
 
+def reads_input_ids(processors) -> bool:
+    """Whether any processor reads `input_ids`: only then are per-position prefixes worth building."""
+    return any(rule_for(processor).how is not How.SCORES for processor in processors)
+
+
 def check_processors(processors) -> None:
     """Refuse, by the generate() argument that added it, any processor speculation cannot apply exactly."""
     for processor in processors:
@@ -188,8 +193,9 @@ class TreePrefixes:
         return layout
 
 
-def apply_processors(processors, scores: torch.Tensor, prefixes: TreePrefixes) -> torch.Tensor:
-    """scores: [B, Q, V] raw logits (float32) → processed scores, position by position with true prefixes."""
+def apply_processors(processors, scores: torch.Tensor, prefixes: TreePrefixes | None) -> torch.Tensor:
+    """scores: [B, Q, V] raw logits (float32) → processed scores, position by position with true prefixes
+    (`prefixes` may be None when no processor reads `input_ids`)."""
     if not processors:
         return scores
     batch_size, num_positions, vocab = scores.shape

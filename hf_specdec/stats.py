@@ -54,9 +54,13 @@ class PhaseClock:
 
     @staticmethod
     def model_call():
-        """Time one model call (`target_forward` or `draft_forward` seconds) when a timing clock is running."""
+        """Time one model call (`target_forward` or `draft_forward` seconds) when a timing clock is running; under
+        `profiled_phases()` also mark it as a `spec::model_call` range (the profile splits the model's ops from the
+        loop's around it)."""
         clock = _ACTIVE_CLOCK.get()
-        return _NO_TIMING if clock is None else _ModelCall(clock)
+        if clock is None and not PhaseClock.profiling:
+            return _NO_TIMING
+        return _ModelCall(clock)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -91,20 +95,30 @@ class _Phase:
 
 
 class _ModelCall:
-    __slots__ = ("clock", "start")
+    """One model call: timed when a clock is given, a profiler range while profiling."""
 
-    def __init__(self, clock: PhaseClock):
+    __slots__ = ("clock", "range", "start")
+
+    def __init__(self, clock: PhaseClock | None):
         self.clock = clock
+        self.range = torch.profiler.record_function("spec::model_call") if PhaseClock.profiling else None
 
     def __enter__(self):
-        self.clock.synchronize()
-        self.start = time.perf_counter()
+        if self.range is not None:
+            self.range.__enter__()
+        if self.clock is not None:
+            self.clock.synchronize()
+            self.start = time.perf_counter()
 
     def __exit__(self, *exc):
         clock = self.clock
-        clock.synchronize()
-        model = "draft_forward" if clock.open_phases and clock.open_phases[-1] == "draft_forward" else "target_forward"
-        clock.seconds[f"model:{model}"] += time.perf_counter() - self.start
+        if clock is not None:
+            clock.synchronize()
+            model = "draft_forward" if clock.open_phases and clock.open_phases[-1] == "draft_forward" \
+                else "target_forward"
+            clock.seconds[f"model:{model}"] += time.perf_counter() - self.start
+        if self.range is not None:
+            self.range.__exit__(*exc)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import shared_arange
 from .draft import Draft
 
 
@@ -44,8 +45,7 @@ def verify(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
 
 def _verify_chain(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Verdict:
     batch_size, num_nodes = draft.tokens.shape
-    rows = torch.arange(batch_size, device=processed.device)
-    positions = torch.arange(num_nodes, device=processed.device)
+    positions = shared_arange(num_nodes, processed.device)
     drafted = draft.valid.sum(-1)
     if not do_sample:
         choice = processed.argmax(-1)  # [B, 1 + N]
@@ -59,6 +59,7 @@ def _verify_chain(processed: torch.Tensor, draft: Draft, do_sample: bool) -> Ver
             draft.probs.gather(2, draft.tokens[:, :, None])[:, :, 0]
         keep = (torch.rand_like(p_token) * q_token < p_token) & draft.valid
         accepted = keep.long().cumprod(-1).sum(-1)
+        rows = shared_arange(batch_size, processed.device)
         stop = probs[rows, accepted]  # p where the walk stopped
         refused = accepted < drafted
         at = accepted.clamp(max=max(num_nodes - 1, 0))

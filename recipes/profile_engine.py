@@ -6,7 +6,8 @@
 
 Every aten op the profiler records is attributed to the innermost engine phase that ran it (draft, verify
 forward, processors, acceptance, cache ops, bookkeeping; "prefill" and "other" for the rest). The table gives,
-per phase: CPU time, aten ops per round and host-synchronising ops per round (`item`/`bool()`/`int()` reads,
+per phase: CPU time, aten ops per round (split into those inside model calls and the loop's own outside them)
+and host-synchronising ops per round (`item`/`bool()`/`int()` reads,
 `nonzero`, `unique`, copies to the host — each one stalls the host on an accelerator). Numbers are per
 steady-state round, from one profiled generate() after a warm-up.
 """
@@ -20,6 +21,7 @@ import torch
 
 from hf_specdec import ModelDrafter, testing
 from hf_specdec.bench.measure import round_profile
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,11 +65,11 @@ def main():
     print(f"pair {args.pair}, batch {args.batch_size}, γ={args.num_draft_tokens}, {args.new_tokens} new tokens: "
           f"{rounds} rounds, τ {out.spec_stats.mean_accepted_length:.2f}, wall {wall * 1e3:.1f} ms under the "
           f"profiler ({wall / rounds * 1e3:.2f} ms per round)")
-    print(f"{'phase':<16}{'ms/round':>10}{'ops/round':>11}{'syncs/round':>13}")
-    for phase, (milliseconds, ops, syncs) in phases.items():
-        print(f"{phase:<16}{milliseconds / rounds:>10.3f}{ops / rounds:>11.1f}{syncs / rounds:>13.1f}")
-    totals = [sum(values) / rounds for values in zip(*phases.values())]
-    print(f"{'total':<16}{totals[0]:>10.3f}{totals[1]:>11.1f}{totals[2]:>13.1f}")
+    print(f"{'phase':<16}{'ms/round':>10}{'ops/round':>11}{'in model':>10}{'outside':>9}{'syncs/round':>13}")
+    rows = {**phases, "total": tuple(sum(values) for values in zip(*phases.values()))}
+    for phase, (milliseconds, ops, syncs, model_ops) in rows.items():
+        print(f"{phase:<16}{milliseconds / rounds:>10.3f}{ops / rounds:>11.1f}{model_ops / rounds:>10.1f}"
+              f"{(ops - model_ops) / rounds:>9.1f}{syncs / rounds:>13.1f}")
 
 
 if __name__ == "__main__":

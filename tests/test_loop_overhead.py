@@ -59,3 +59,72 @@ def test_rounds_reuse_constants_without_changing_output(pair, batch_lengths):
     for _ in range(2):
         ours = target.generate(**batch, assistant_model=drafter, max_new_tokens=16, do_sample=False)
         assert torch.equal(ours, plain)
+
+
+def _prompt_of(batch, row):
+    return batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+
+
+@torch.no_grad()
+def _reference_logits(model, sequence):
+    return model(input_ids=torch.tensor([sequence])).logits[0, -1]
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("mistral", {"sliding_window": 5})])
+@torch.no_grad()
+def test_chains_fed_through_the_committed_bias_stay_exact(model_type, overrides):
+    """`forward_chain` makes chain slots visible in the committed bias itself (no tree mask): whole chains with
+    trailing holes (the verify chunk) and chains fed step by step (drafting), kept raggedly round after round,
+    give the logits of each text run alone, and `keep` hides every slot it did not keep."""
+    model = tiny_model(model_type, seed=7, **overrides)
+    batch = left_padded_batch(96, [3, 8, 5], seed=7)
+    cache = SlotCache(model, 3, capacity=8 + 12 * 5 + 8, device=torch.device("cpu"), max_round_nodes=5)
+    cache.prefill(batch["input_ids"], batch["attention_mask"].bool())
+    texts = [_prompt_of(batch, row) for row in range(3)]
+    generator = torch.Generator().manual_seed(1)
+    for round_index in range(12):
+        tokens = torch.randint(3, 96, (3, 4), generator=generator)
+        if round_index % 2:  # a whole chunk at once, rows with 4, 2 and 3 real nodes
+            valid = torch.arange(4)[None, :] < torch.tensor([[4], [2], [3]])
+            logits = cache.forward_chain(tokens, valid=valid).logits
+            fed = valid.sum(-1)
+            counts = torch.minimum(torch.tensor([round_index % 5, 1, 3]), fed)
+            cache.keep(torch.arange(4).expand(3, -1), counts, in_place=True)
+        else:  # step by step, as a drafter feeds its chain (the last token is never fed)
+            logits = torch.cat([cache.forward_chain(tokens[:, step:step + 1], step).logits for step in range(3)], 1)
+            fed = torch.full((3,), 3)
+            counts = cache.keep_path(torch.arange(4).expand(3, -1), torch.tensor([round_index % 5, 1, 4]),
+                                     in_place=True)
+            assert counts.tolist() == [min(round_index % 5, 3), 1, 3]  # the unfed fourth node is never kept
+        for row in range(3):
+            for node in range(int(fed[row])):
+                expected = _reference_logits(model, texts[row] + tokens[row, : node + 1].tolist())
+                torch.testing.assert_close(logits[row, node], expected, atol=1e-4, rtol=1e-4)
+            texts[row] += tokens[row, : int(counts[row])].tolist()
+        assert cache.live_steps == 0
+        visible = (cache.committed_bias == 0).sum(-1)
+        assert visible.tolist() == [len(text) for text in texts]  # nothing past the kept text stays visible
+
+
+def test_prefixes_are_built_only_for_processors_that_read_them(pair, monkeypatch):
+    """Without an input-reading processor no per-position prefix is built (suppressed tokens: scores only); with one
+    (repetition penalty) they are, and both outputs follow plain decoding."""
+    from hf_specdec import processors
+
+    target, draft = pair
+    batch = left_padded_batch(target.config.vocab_size, [6, 4], seed=8)
+    built = []
+    init = processors.TreePrefixes.__init__
+
+    def counting_init(self, *args):
+        built.append(1)
+        init(self, *args)
+
+    monkeypatch.setattr(processors.TreePrefixes, "__init__", counting_init)
+    for options, reads in (({"suppress_tokens": [5, 7]}, False), ({"repetition_penalty": 1.3}, True)):
+        built.clear()
+        plain = target.generate(**batch, max_new_tokens=10, do_sample=False, **options)
+        ours = target.generate(**batch, assistant_model=ModelDrafter(draft, num_draft_tokens=3), max_new_tokens=10,
+                               do_sample=False, **options)
+        assert torch.equal(ours, plain)
+        assert bool(built) == reads

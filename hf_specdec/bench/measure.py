@@ -166,7 +166,8 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "ate
 
 def round_profile(generate) -> tuple[dict, object]:
     """Run `generate()` (one speculative generate call) under torch.profiler with the engine's phases marked;
-    returns ({phase: (cpu_ms, top-level aten ops, host-synchronising ops)} over the whole call, its output)."""
+    returns ({phase: (cpu_ms, top-level aten ops, host-synchronising ops, of those ops the ones inside model calls)}
+    over the whole call, its output). The ops outside model calls are the loop's overhead."""
     import collections
 
     from torch.profiler import ProfilerActivity, profile
@@ -175,7 +176,7 @@ def round_profile(generate) -> tuple[dict, object]:
 
     with profiled_phases(), profile(activities=[ProfilerActivity.CPU]) as prof:
         out = generate()
-    milliseconds, ops, syncs = collections.Counter(), collections.Counter(), collections.Counter()
+    milliseconds, ops, syncs, model_ops = (collections.Counter() for _ in range(4))
     names = {f"spec::{name}" for name in (*PHASES, "draft_forward")}
     for event in prof.events():
         if event.name in names:
@@ -184,13 +185,16 @@ def round_profile(generate) -> tuple[dict, object]:
             continue
         if not event.name.startswith("aten::"):
             continue
-        phase, parent = "other", event.cpu_parent
+        phase, in_model, parent = "other", False, event.cpu_parent
         while parent is not None:
+            in_model |= parent.name == "spec::model_call"
             if parent.name in names and parent.name != "spec::draft_forward":
                 phase = parent.name[6:]
                 break
             parent = parent.cpu_parent
-        ops[phase] += event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")
+        top_level = event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")
+        ops[phase] += top_level
+        model_ops[phase] += top_level and in_model
         syncs[phase] += event.name in SYNC_OPS
-    phases = {phase: (milliseconds[phase], ops[phase], syncs[phase]) for phase in [*PHASES, "other"]}
+    phases = {phase: (milliseconds[phase], ops[phase], syncs[phase], model_ops[phase]) for phase in [*PHASES, "other"]}
     return phases, out

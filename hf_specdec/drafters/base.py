@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..draft import Draft
-from ..processors import BatchText, TreePrefixes
+from ..processors import BatchText, TreePrefixes, reads_input_ids
 from ..schedule import AutoSchedule
 from ..stats import PhaseClock, SpecStats
 
@@ -96,13 +96,21 @@ class DecodingState:
     clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`
     compile_config: object = None  # a transformers CompileConfig: capture fixed-shape forwards with torch.compile
     prompt_features: torch.Tensor | None = None  # [B, H] prefill states at `prompt_feature_layer`, pooled per prompt
+    # whether a logits processor reads `input_ids`: without one, prefixes are never built (None stands for them)
+    reads_text: bool = field(init=False)
+
+    def __post_init__(self):
+        self.reads_text = reads_input_ids(self.logits_processor)
 
     def prefixes(self, paths: torch.Tensor, depths: torch.Tensor):
         """Per-position prefixes (committed text + `paths`) for applying the logits processors."""
         return TreePrefixes(self.batch, self.row_ids, self.lengths, paths, depths)
 
     def root_prefixes(self):
-        """The prefixes of the one position after each row's text (the distribution of the root's children)."""
+        """The prefixes of the one position after each row's text (the distribution of the root's children); None
+        when no processor reads them."""
+        if not self.reads_text:
+            return None
         rows = len(self.lengths)
         return self.prefixes(self.sequences.new_zeros(rows, 1, 0), self.lengths.new_zeros(rows, 1))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..cache import SlotCache, slot_capacity
+from ..cache import SlotCache, on_device, shared_arange, slot_capacity
 from ..draft import Draft
 from ..processors import TreePrefixes, apply_processors
 from ..stats import PhaseClock
@@ -44,6 +46,7 @@ class ModelDrafter(Drafter):
         self.forward_count = 0
         self.sibling_acceptance: SiblingAcceptance | None = None  # sampled trees' budget follows it
         self._draft_ranks = None
+        self._chain_step = None  # while a chain is drafted: the step being fed (see _forward_tentative)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, target, state: DecodingState, num_draft_tokens: int | None = None) -> None:
@@ -54,6 +57,8 @@ class ModelDrafter(Drafter):
                              f"vocabulary has tokens ({state.vocab_size}); lower top_k.")
         self.model.eval()
         self.device = self.model.device
+        # target ids index the draft's embeddings directly unless its (padded) vocabulary is the smaller one
+        self._clamp_ids = self.vocab_size < state.vocab_size
         self.clock = state.clock or PhaseClock(self.device)
         batch_size = state.sequences.shape[0]
         self.round_capacity = self._round_capacity()
@@ -111,12 +116,12 @@ class ModelDrafter(Drafter):
         behind = min(self.tokens_behind, state.host_text_length - state.prompt_length)
         width = PENDING_WIDTH * (1 + -(-behind // PENDING_WIDTH))
         self.tokens_behind = 0
-        pending = state.lengths - self.fed
-        steps = torch.arange(width, device=pending.device)
-        columns = state.lengths[:, None] - width + steps
-        tokens = state.sequences.gather(1, columns.clamp(min=0))
-        valid = steps[None, :] >= (width - pending)[:, None]
-        self.fed = state.lengths.clone()
+        lengths = state.lengths
+        steps = shared_arange(width, lengths.device)
+        columns = (lengths[:, None] - width + steps).clamp(min=0)
+        tokens = state.sequences.gather(1, columns)
+        valid = steps >= (width - lengths + self.fed)[:, None]  # the last `lengths - fed` columns
+        self.fed = lengths.clone()
         return tokens, valid
 
     def _root_scores(self, state: DecodingState) -> torch.Tensor:
@@ -142,21 +147,23 @@ class ModelDrafter(Drafter):
             self.fall_behind(1)  # the target alone adds one token this round
             return Draft.empty(batch_size, state.sequences.device)
         scores = self._root_scores(state)
-        tokens, probs = [], []
-        ancestors = torch.ones(steps, steps, dtype=torch.bool, device=self.device).tril().expand(batch_size, -1, -1)
+        tokens, probs = [], []  # [B, 1] tokens and [B, V] distributions, joined once at the end
+        shape = _chain_round(batch_size, steps, self.device, state.lengths.device)
         for step in range(steps):
             token, q = _draw(scores, state.do_sample)
             tokens.append(token)
             probs.append(q)
             if step + 1 < steps:  # the last draft token is never fed: the target's bonus follows it
-                step_ids = torch.full((batch_size, 1), step, dtype=torch.long, device=self.device)
-                drafted = torch.stack(tokens, dim=1)[:, None, :]
-                prefixes = state.prefixes(drafted, torch.full((batch_size, 1), step + 1, device=state.lengths.device))
-                scores = self._node_scores(token[:, None].to(self.device), step_ids, step_ids, ancestors, state,
-                                           prefixes)[:, 0]
-        self._draft_node_ids = torch.arange(steps, device=self.device).expand(batch_size, -1)
+                prefixes = None
+                if state.reads_text:
+                    prefixes = state.prefixes(torch.cat(tokens, dim=1)[:, None, :], shape.prefix_depths[step])
+                step_ids = shape.step_ids[step]
+                self._chain_step = step
+                scores = self._node_scores(token, step_ids, step_ids, shape.ancestors, state, prefixes)[:, 0]
+        self._chain_step = None
+        self._draft_node_ids = shape.node_ids
         draft_probs = torch.stack(probs, dim=1) if state.do_sample else None
-        return Draft.chain(torch.stack(tokens, dim=1), lengths=lengths, probs=draft_probs)
+        return Draft.chain(torch.cat(tokens, dim=1), lengths=lengths, probs=draft_probs)
 
     def _propose_tree(self, state: DecodingState) -> Draft:
         tree = self.tree
@@ -180,8 +187,10 @@ class ModelDrafter(Drafter):
         for level in range(1, depth_limit):
             node_ids = frontier.to(self.device)
             depths = torch.full_like(node_ids, level - 1)
-            paths = buffers.paths.gather(1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1]))
-            prefixes = state.prefixes(paths, buffers.depth.gather(1, frontier))
+            prefixes = None
+            if state.reads_text:
+                paths = buffers.paths.gather(1, frontier[:, :, None].expand(-1, -1, buffers.paths.shape[-1]))
+                prefixes = state.prefixes(paths, buffers.depth.gather(1, frontier))
             scores = self._node_scores(buffers.tokens.gather(1, frontier).to(self.device), node_ids, depths,
                                        buffers.ancestors.to(self.device), state, prefixes)
             children = buffers.add_children(_log_probs(scores), parents=frontier, top_k=tree.top_k)
@@ -217,6 +226,9 @@ class ModelDrafter(Drafter):
                            logits_to_keep=1, **self._model_inputs())
 
     def _forward_tentative(self, tokens, node_ids, depths, ancestors):
+        if self._chain_step is not None:  # a chain fed in order: the cache needs no per-step mask
+            return self._timed(self.cache.forward_chain, self._embeddable(tokens), self._chain_step,
+                               **self._model_inputs())
         return self._timed(self.cache.forward_tentative, self._embeddable(tokens), node_ids, depths, ancestors,
                            **self._model_inputs())
 
@@ -227,7 +239,8 @@ class ModelDrafter(Drafter):
     def _embeddable(self, tokens):
         """A target token beyond a smaller padded draft vocabulary has no draft embedding; such ids only occur with
         untrained padding rows, and clamping them only affects draft quality, never the output."""
-        return tokens.to(self.device).clamp(max=self.vocab_size - 1)
+        tokens = on_device(tokens, self.device)
+        return tokens.clamp(max=self.vocab_size - 1) if self._clamp_ids else tokens
 
     def _timed(self, function, *args, **kwargs):
         with self.clock("draft_forward"):
@@ -235,20 +248,41 @@ class ModelDrafter(Drafter):
         self.forward_count += 1
         return outputs
 
-    def _process(self, logits: torch.Tensor, state: DecodingState, prefixes: TreePrefixes) -> torch.Tensor:
-        """Draft logits [B, (Q,) V_draft] → processed scores in the target's vocabulary, on the target's device."""
+    def _process(self, logits: torch.Tensor, state: DecodingState, prefixes: TreePrefixes | None) -> torch.Tensor:
+        """Draft logits [B, (Q,) V_draft] → processed scores in the target's vocabulary, on the target's device
+        (`prefixes`: None when no processor reads them)."""
         squeeze = logits.dim() == 2
         logits = logits[:, None] if squeeze else logits
-        logits = match_vocabulary(logits.float(), state.vocab_size).to(state.sequences.device)
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        logits = on_device(match_vocabulary(logits, state.vocab_size), state.sequences.device)
         scores = apply_processors(state.logits_processor, logits, prefixes)
         return scores[:, 0] if squeeze else scores
 
 
 def _draw(scores: torch.Tensor, do_sample: bool):
+    """One draft token per row, [B, 1] (the shape it is fed in), and the distribution it was drawn from."""
     if do_sample:
         q = scores.softmax(-1)
-        return torch.multinomial(q, 1)[:, 0], q
-    return scores.argmax(-1), None
+        return torch.multinomial(q, 1), q
+    return scores.argmax(-1, keepdim=True), None
+
+
+class _ChainShape:
+    """What every chain round of one shape shares (made once; shared, never written to): each step's round id as a
+    [B, 1] input, the chain's ancestor relation, the node ids and the prefix depth of each fed step."""
+
+    def __init__(self, batch_size: int, steps: int, device: torch.device, text_device: torch.device):
+        ids = torch.arange(steps, device=device)
+        self.step_ids = [ids[step:step + 1].expand(batch_size, 1) for step in range(steps)]
+        self.node_ids = ids.expand(batch_size, -1)
+        self.ancestors = torch.ones(steps, steps, dtype=torch.bool, device=device).tril().expand(batch_size, -1, -1)
+        depths = torch.arange(1, steps + 1, device=text_device)
+        self.prefix_depths = [depths[step:step + 1].expand(batch_size, 1) for step in range(steps)]
+
+
+@functools.lru_cache(maxsize=32)
+def _chain_round(batch_size: int, steps: int, device: torch.device, text_device: torch.device) -> _ChainShape:
+    return _ChainShape(batch_size, steps, device, text_device)
 
 
 def _log_probs(scores: torch.Tensor) -> torch.Tensor:
