@@ -353,6 +353,8 @@ class SlotCache:
         at least the nodes fed."""
         node_ids, counts = on_device(node_ids, self.device), on_device(counts, self.device)
         width = node_ids.shape[1]
+        if width < self.live_steps:  # the columns below must cover every slot forward_chain made visible
+            raise RuntimeError(f"keep() got {width} nodes but {self.live_steps} chain nodes were fed this round.")
         kept = self._arange(width) < counts[:, None]
         columns = self._round_view("columns", width)[:, 0]
         destination = torch.where(kept, columns, self.scratch)

@@ -202,6 +202,11 @@ class _Run:
         state = self._state()
         with self.clock("draft"):
             draft = self.drafter.propose(state).truncate_depth(state.budget)
+            if draft.num_nodes > self.round_nodes:  # (a shape: no device read)
+                raise ValueError(
+                    f"{type(self.drafter).__name__} proposed {draft.num_nodes} draft nodes, more than its "
+                    f"max_round_nodes() = {self.round_nodes}, which sizes the caches: make max_round_nodes() return "
+                    "the most nodes propose() can return.")
             if self.compile_config is not None:  # captured forwards need one shape every round
                 draft = draft.padded(self.round_nodes)
         with self.clock("verify_forward"):

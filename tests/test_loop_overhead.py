@@ -128,3 +128,44 @@ def test_prefixes_are_built_only_for_processors_that_read_them(pair, monkeypatch
                                do_sample=False, **options)
         assert torch.equal(ours, plain)
         assert bool(built) == reads
+
+
+def test_a_draft_longer_than_max_round_nodes_is_refused_by_name(pair):
+    """The caches are sized from max_round_nodes(): a drafter that proposes more nodes gets a clear error (it
+    used to be an index error, or, through the chain mask, silently different output)."""
+    target, draft = pair
+
+    class Overlong(ModelDrafter):
+        def max_round_nodes(self, num_draft_tokens=None):
+            return 2
+
+    batch = left_padded_batch(target.config.vocab_size, [6], seed=6)
+    with pytest.raises(ValueError, match="max_round_nodes"):
+        target.generate(**batch, assistant_model=Overlong(draft, num_draft_tokens=4), max_new_tokens=8,
+                        do_sample=False)
+
+
+def test_a_processor_raising_mid_chain_leaves_the_drafter_reusable(pair):
+    """A chain step marks the drafter while it feeds the chain; an exception must not leave the mark set, or a
+    tree drafter made from it would feed its levels as a chain."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    target, draft = pair
+
+    class FailsOnThirdCall(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            FailsOnThirdCall.calls += 1
+            if FailsOnThirdCall.calls == 3:
+                raise RuntimeError("user processor failed")
+            return scores
+
+    batch = left_padded_batch(target.config.vocab_size, [6], seed=7)
+    drafter = ModelDrafter(draft, num_draft_tokens=4)
+    with pytest.raises(RuntimeError, match="user processor failed"):
+        target.generate(**batch, assistant_model=drafter, max_new_tokens=8, do_sample=False,
+                        logits_processor=LogitsProcessorList([FailsOnThirdCall()]))
+    assert drafter._chain_step is None
+    plain = target.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert torch.equal(target.generate(**batch, assistant_model=drafter, max_new_tokens=8, do_sample=False), plain)

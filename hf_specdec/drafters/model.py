@@ -56,6 +56,7 @@ class ModelDrafter(Drafter):
             raise ValueError(f"TreeConfig(top_k={self.tree.top_k}) asks for more children per node than the "
                              f"vocabulary has tokens ({state.vocab_size}); lower top_k.")
         self.model.eval()
+        self._chain_step = None
         self.device = self.model.device
         # target ids index the draft's embeddings directly unless its (padded) vocabulary is the smaller one
         self._clamp_ids = self.vocab_size < state.vocab_size
@@ -149,18 +150,20 @@ class ModelDrafter(Drafter):
         scores = self._root_scores(state)
         tokens, probs = [], []  # [B, 1] tokens and [B, V] distributions, joined once at the end
         shape = _chain_round(batch_size, steps, self.device, state.lengths.device)
-        for step in range(steps):
-            token, q = _draw(scores, state.do_sample)
-            tokens.append(token)
-            probs.append(q)
-            if step + 1 < steps:  # the last draft token is never fed: the target's bonus follows it
-                prefixes = None
-                if state.reads_text:
-                    prefixes = state.prefixes(torch.cat(tokens, dim=1)[:, None, :], shape.prefix_depths[step])
-                step_ids = shape.step_ids[step]
-                self._chain_step = step
-                scores = self._node_scores(token, step_ids, step_ids, shape.ancestors, state, prefixes)[:, 0]
-        self._chain_step = None
+        try:
+            for step in range(steps):
+                token, q = _draw(scores, state.do_sample)
+                tokens.append(token)
+                probs.append(q)
+                if step + 1 < steps:  # the last draft token is never fed: the target's bonus follows it
+                    prefixes = None
+                    if state.reads_text:
+                        prefixes = state.prefixes(torch.cat(tokens, dim=1)[:, None, :], shape.prefix_depths[step])
+                    step_ids = shape.step_ids[step]
+                    self._chain_step = step
+                    scores = self._node_scores(token, step_ids, step_ids, shape.ancestors, state, prefixes)[:, 0]
+        finally:  # (a processor may raise: a drafter reused afterwards, or copied into a tree drafter, must not
+            self._chain_step = None  # route its next forwards through the chain path)
         self._draft_node_ids = shape.node_ids
         draft_probs = torch.stack(probs, dim=1) if state.do_sample else None
         return Draft.chain(torch.cat(tokens, dim=1), lengths=lengths, probs=draft_probs)
