@@ -136,3 +136,15 @@ def rotating_routed_drafter(drafters, include_no_draft=True):
             self._assign((self.assignment + 1) % arms, self.row_counts.device)
 
     return Rotating(drafters, policy=OnlinePolicy(check_every=1))
+
+
+def siblings_verified_against_q(sibling_distributions):
+    """Negative control for sampled trees: later siblings drawn from the sharpened q (`sibling_temperature`) but
+    verified against q itself, not the distribution they were drawn from."""
+    def biased(self, chosen, top_k):
+        self.sibling_temperature, drawn_at = 1.0, self.sibling_temperature
+        try:
+            return sibling_distributions(self, chosen, top_k)
+        finally:
+            self.sibling_temperature = drawn_at
+    return biased

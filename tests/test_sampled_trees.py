@@ -8,7 +8,7 @@ independent rows against tables (no model), including the float edge cases a rev
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import perturbed_copy, siblings_verified_against_q, tiny_model
 
 from hf_specdec import ModelDrafter, TreeConfig
 from hf_specdec.drafters.trees import SampledCandidates, SiblingAcceptance
@@ -218,16 +218,8 @@ def test_one_round_check_catches_siblings_verified_against_the_wrong_q(monkeypat
 def test_one_round_check_catches_sharpened_siblings_verified_against_q(monkeypatch):
     """Siblings drawn from a sharpened q but verified against q itself (not what they were drawn from) fail the
     same check."""
-    drawn_from = SampledCandidates._sibling_distributions
-
-    def verified_against_q(self, chosen, top_k):
-        self.sibling_temperature, temperature = 1.0, self.sibling_temperature
-        try:
-            return drawn_from(self, chosen, top_k)
-        finally:
-            self.sibling_temperature = temperature
-
-    monkeypatch.setattr(SampledCandidates, "_sibling_distributions", verified_against_q)
+    monkeypatch.setattr(SampledCandidates, "_sibling_distributions",
+                        siblings_verified_against_q(SampledCandidates._sibling_distributions))
     tables = random_tables()
     first, second, _ = verify_rows(tables, sibling_temperature=0.5)
     assert worst_deviation(first, second, tables[0], tables[1]) > 4.5

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, tiny_model
+from conftest import SplitRouter, perturbed_copy, rotating_routed_drafter, siblings_verified_against_q, tiny_model
 
 from hf_specdec import Eagle3DraftModel, GuidedDrafter, ModelDrafter, NGramDrafter, RoutedDrafter, SortedDrafter, TreeConfig
 
@@ -216,17 +216,6 @@ def sibling_kept_by_its_own_probability(original):
     return children_added
 
 
-def sharpened_siblings_verified_against_q(original):
-    """Biased: later siblings drawn from the sharpened q but verified against q itself."""
-    def sibling_distributions(self, chosen, top_k):
-        self.sibling_temperature, drawn_at = 1.0, self.sibling_temperature
-        try:
-            return original(self, chosen, top_k)
-        finally:
-            self.sibling_temperature = drawn_at
-    return sibling_distributions
-
-
 @pytest.mark.parametrize("bias", ["earlier siblings kept in q", "sibling kept by its own probability",
                                   "sharpened siblings verified against q"])
 def test_the_check_catches_a_biased_sampled_tree(target, monkeypatch, bias):
@@ -241,7 +230,7 @@ def test_the_check_catches_a_biased_sampled_tree(target, monkeypatch, bias):
                             sibling_kept_by_its_own_probability(SampledCandidates._children_added))
     else:
         monkeypatch.setattr(SampledCandidates, "_sibling_distributions",
-                            sharpened_siblings_verified_against_q(SampledCandidates._sibling_distributions))
+                            siblings_verified_against_q(SampledCandidates._sibling_distributions))
         sibling_temperature = 0.33
     torch.manual_seed(0)
     settings = SETTINGS["temperature"]

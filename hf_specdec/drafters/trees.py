@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from ..draft import Draft
 
 
-
 class TopKCandidates:
     """Every node drafted during one tree expansion, with its cumulative draft log-probability."""
 
