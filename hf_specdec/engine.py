@@ -33,7 +33,7 @@ from .options import check_generate_options
 from .processors import BatchText, TreePrefixes, apply_processors
 from .routing.features import PooledPrompt
 from .schedule import CHECK_EVERY
-from .stats import PHASES, PhaseClock, SpecStats, profiled_phases  # noqa: F401  (PHASES, profiled_phases: re-exported)
+from .stats import PHASES, PhaseClock, SpecStats, profiled_phases, timed_forwards  # noqa: F401  (PHASES, profiled_phases: re-exported)
 from .verify import verify
 
 UNSUPPORTED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
@@ -269,9 +269,10 @@ class _Run:
         mask = self.token_mask[row: row + 1, :length].long()
         model_kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                             **{cache_argument(self.model): DynamicCache()})
-        out = self.model._sample(self.sequences[row: row + 1, :length], logits_processor=self.logits_processor,
-                                 stopping_criteria=self.stopping_criteria, generation_config=self.config,
-                                 synced_gpus=False, streamer=_StepTimer(self.streamer), **model_kwargs)
+        with timed_forwards(self.model):
+            out = self.model._sample(self.sequences[row: row + 1, :length], logits_processor=self.logits_processor,
+                                     stopping_criteria=self.stopping_criteria, generation_config=self.config,
+                                     synced_gpus=False, streamer=_StepTimer(self.streamer), **model_kwargs)
         generated = (out if isinstance(out, torch.Tensor) else out.sequences)[0, length:].to(self.device)
         self._append(generated[None], torch.tensor([len(generated)], device=self.device), None)
         self.finished[row] = True
@@ -283,8 +284,9 @@ class _Run:
             self.streamer.put(input_ids.cpu())
         steps = _StepTimer(self.streamer)
         start = time.perf_counter()
-        out = self.model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                                 generation_config=self.config, synced_gpus=False, streamer=steps, **model_kwargs)
+        with self.clock.running(), timed_forwards(self.model):
+            out = self.model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                     generation_config=self.config, synced_gpus=False, streamer=steps, **model_kwargs)
         self.stats.wall_seconds = time.perf_counter() - start
         if self.streamer is not None:
             self.streamer.end()

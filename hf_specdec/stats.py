@@ -94,6 +94,27 @@ class _Phase:
             self.range.__exit__(*exc)
 
 
+@contextlib.contextmanager
+def timed_forwards(model: torch.nn.Module):
+    """Time every forward of `model` as a model call while transformers' own loop runs it (auto's plain decoding),
+    so loop efficiency sees those forwards as it sees ours."""
+    calls = []
+
+    def before(module, args):
+        calls.append(PhaseClock.model_call())
+        calls[-1].__enter__()
+
+    def after(module, args, output):
+        calls.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _ModelCall:
     """One model call: timed when a clock is given, a profiler range while profiling."""
 

@@ -169,3 +169,15 @@ def test_a_processor_raising_mid_chain_leaves_the_drafter_reusable(pair):
     assert drafter._chain_step is None
     plain = target.generate(**batch, max_new_tokens=8, do_sample=False)
     assert torch.equal(target.generate(**batch, assistant_model=drafter, max_new_tokens=8, do_sample=False), plain)
+
+
+def test_auto_counts_the_forwards_of_transformers_loop_as_model_time(pair):
+    """schedule="auto" runs its first call (and any hand-off) in transformers' own loop: those forwards are model
+    time too, so its loop efficiency is measured, not 0."""
+    target, draft = pair
+    batch = left_padded_batch(target.config.vocab_size, [6], seed=8)
+    drafter = ModelDrafter(draft, num_draft_tokens=3, schedule="auto")
+    out = target.generate(**batch, assistant_model=drafter, max_new_tokens=12, do_sample=False,
+                          return_dict_in_generate=True, time_phases=True)
+    assert out.spec_stats.rounds.sum() == 0  # the first call decodes plainly (it times a plain step)
+    assert 0.2 < out.spec_stats.loop_efficiency <= 1.0
