@@ -91,6 +91,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     what.add_argument("--temperature", type=float, help="temperature of the sampling rows [1.0]")
     what.add_argument("--top-p", type=float, help="nucleus sampling (top_p) of the sampling rows [1.0: off]")
     what.add_argument("--num-draft-tokens", type=int, help="γ, tokens drafted per round for chains [6]")
+    what.add_argument("--auto-max-draft-tokens", type=int,
+                      help="the longest draft the auto row's schedule='auto' may choose [16]")
     what.add_argument("--draft-lengths", nargs="+", type=_numbers(int), help="γ values of the gamma-sweep [1 2 4 8]")
     what.add_argument("--batch-sizes", nargs="+", type=_numbers(int), help="batch sizes of the batch-sweep [1 4 8]")
     what.add_argument("--tree", type=_numbers(int), help="tree drafting: depth,top_k,max_nodes [5,4,24]")
@@ -144,6 +146,7 @@ def suite_config_from_args(args: argparse.Namespace):
         prompts_per_category=args.prompts_per_category, max_prompt_tokens=args.max_prompt_tokens,
         experiments=experiments, decodings=tuple(args.decoding) if args.decoding else None,
         temperature=args.temperature, top_p=args.top_p, num_draft_tokens=args.num_draft_tokens,
+        auto_max_draft_tokens=args.auto_max_draft_tokens,
         draft_lengths=_flatten(args.draft_lengths), batch_sizes=_flatten(args.batch_sizes), tree=args.tree,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
         threads=args.threads, sorted_exits=args.sorted_exits, sorted_thresholds=args.sorted_thresholds,

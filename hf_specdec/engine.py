@@ -115,6 +115,7 @@ class _Run:
         self.stats = SpecStats.empty(batch_size, self.device)
         self.seen_accepted = (0, 0)  # (accepted, decided) draft tokens at the last acceptance read (auto)
         self.host_text_length = self.prompt_length + 1  # the longest row's length as last read from the device
+        self.prefilled = self.prompt_length  # prompt columns the target's prefill feeds (see _prefill)
         self.target_forwards = 0
         max_new = self.width - self.prompt_length
         self.score_stores = {name: torch.zeros(batch_size, max_new + 1, self.vocab_size, device=self.device)
@@ -165,6 +166,17 @@ class _Run:
         return self._output()
 
     def _prefill(self):
+        """The target reads the prompt. Where nothing needs the prefill's own outputs, it reads all of the prompt
+        but its last token, which becomes the first round's root: the first verify forward then gives the first
+        token together with the first draft's verdict, as transformers' assisted generation does (one target
+        forward fewer per call). Otherwise the prefill reads the whole prompt and chooses the first token."""
+        if self._first_round_reads_the_prompt_end():
+            self.prefilled, self.host_text_length = self.prompt_length - 1, self.prompt_length
+            with self.clock("prefill"):
+                self.target.prefill(self.sequences[:, : self.prefilled], self.token_mask[:, : self.prefilled],
+                                    logits_to_keep=1, chunk_size=self.config.prefill_chunk_size)
+            self.target_forwards += 1
+            return
         rows = self.active
         pooled = None if self.feature_layer is None else PooledPrompt(self.feature_layer)
         layers = self.hidden_layers + ([] if pooled is None else [self.feature_layer])
@@ -323,6 +335,14 @@ class _Run:
             self.drafter.select_rows(keep)
         return remaining > 0
 
+    def _first_round_reads_the_prompt_end(self) -> bool:
+        """Whether the prompt's last token can be the first round's root: no drafter reads the prefill's hidden
+        states or pooled prompt features, the prompt has a token before it, and it is a real token in every row
+        (a batch of one may come with a mask that ends in padding)."""
+        if self.hidden_layers or self.feature_layer is not None or self.prompt_length < 2:
+            return False
+        return bool(self.token_mask[:, self.prompt_length - 1].all())
+
     # ------------------------------------------------------------------ target hidden states for guided drafters
     def _hidden_request(self) -> dict:
         return hidden_states_request(self.hidden_layers) if self.hidden_layers else {}
@@ -375,7 +395,7 @@ class _Run:
             batch=self.batch_text,
             target_config=self.model.config,
             target_hidden=self.target_hidden,
-            prompt_length=self.prompt_length,
+            prompt_length=self.prefilled,
             host_text_length=self.host_text_length,
             clock=self.clock,
             compile_config=self.compile_config,

@@ -27,7 +27,7 @@ def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     exit_code = main(["bench", "--quick", "--prompts", "code", "rag", "--max-new-tokens", "8", "--no-progress",
                       "--decoding", "greedy", "sample", "--top-p", "0.9",
-                      "--experiments", "plain,assisted,chain,auto,tree,tree-top-k,ngram,gamma-sweep,batch-sweep,sorted",
+                      "--experiments", "plain,assisted,assisted-default,chain,auto,tree,tree-top-k,ngram,gamma-sweep,batch-sweep,sorted",
                       "--sorted-exits", "1,4", "--draft-lengths", "1,2", "--batch-sizes", "1,2", "--out", str(out)])
     assert exit_code == 0
     return json.loads((out / "report.json").read_text()), out
@@ -43,7 +43,7 @@ def test_suite_rows_cover_every_experiment_and_greedy_rows_equal_plain(quick_rep
                 ("tree[draft]", 1, decoding), ("ngram", 1, decoding), ("gamma-sweep[draft] γ=1", 1, decoding),
                 ("gamma-sweep[draft] γ=2", 1, decoding), ("sorted exit 1", 1, decoding),
                 ("sorted adaptive [1, 4]", 1, decoding), ("sorted tree adaptive [1, 4]", 1, decoding),
-                ("auto[draft]", 1, decoding)} <= names
+                ("auto[draft]", 1, decoding), ("assisted-default[draft]", 1, decoding)} <= names
     assert {("plain", 2, "greedy"), ("chain[draft]", 2, "greedy")} <= names
     # the top-k construction differs from `tree` only under sampling
     assert ("tree-top-k[draft]", 1, "sample") in names and ("tree-top-k[draft]", 1, "greedy") not in names
@@ -64,6 +64,8 @@ def test_suite_rows_cover_every_experiment_and_greedy_rows_equal_plain(quick_rep
             assert overall["speedup_uncertain"] == (low <= 1.0 <= high)
         if row["experiment"] in ("chain", "auto") and row["batch_size"] == 1:
             assert row["versus_assisted"]["wall_ratio"] > 0
+        if row["experiment"] == "auto":  # --quick's ceiling for the draft lengths auto may choose
+            assert row["num_draft_tokens"] == 4
         if row["experiment"] == "chain":
             assert overall["ops_per_round"] > 0 and overall["syncs_per_round"] >= 0
 

@@ -6,7 +6,7 @@ import torch
 from conftest import left_padded_batch, perturbed_copy, rotating_routed_drafter, tiny_model
 from transformers import CompileConfig
 
-from hf_specdec import Eagle3DraftModel, ModelDrafter, NGramDrafter, TreeConfig
+from hf_specdec import Eagle3DraftModel, GuidedDrafter, ModelDrafter, NGramDrafter, TreeConfig
 from hf_specdec.schedule import AutoSchedule, CostModel, expected_tokens
 
 
@@ -76,11 +76,13 @@ def test_compiled_sampling_scores_are_plains(pair):
     mask = torch.cat([batch["attention_mask"], torch.ones(3, out.sequences.shape[1] - width, dtype=torch.long)], 1)
     with torch.no_grad():
         logits = target(out.sequences, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    new_tokens = out.spec_stats.new_tokens
     for step, scores in enumerate(out.scores):
         expected = (logits[:, width + step - 1].float() / 0.8)
         kept = expected.topk(20, dim=-1).values[:, -1:]
         expected = expected.masked_fill(expected < kept, -float("inf"))
-        torch.testing.assert_close(scores, expected, atol=2e-4, rtol=1e-4)
+        running = new_tokens > step  # (a row past its EOS keeps zero scores)
+        torch.testing.assert_close(scores[running], expected[running], atol=2e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- schedule="auto"
@@ -146,6 +148,52 @@ def test_auto_drafts_where_it_pays():
 def test_auto_refuses_trees(pair):
     with pytest.raises(ValueError, match="auto"):
         ModelDrafter(pair[1], tree=TreeConfig(3, 2, 5), schedule="auto")
+
+
+# ---------------------------------------------------------------------------------------------- the first round
+def target_widths(target, run):
+    """The query width of every target forward `run()` makes, and what it returns."""
+    widths = []
+    handle = target.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        return widths, run()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("drafter", ["chain", "tree", "ngram"])
+def test_the_prompts_last_token_is_the_first_rounds_root(pair, drafter):
+    """The prefill reads all of the prompt but its last token, which the first verify forward reads with the first
+    draft: one target forward fewer per call (transformers' assisted generation does the same); exact."""
+    target, draft = pair
+    make = {"chain": lambda: ModelDrafter(draft, num_draft_tokens=4),
+            "tree": lambda: ModelDrafter(draft, tree=TreeConfig(3, 2, 5)),
+            "ngram": lambda: NGramDrafter(num_draft_tokens=4)}[drafter]
+    for lengths in ([7, 3, 9], [6], [5, 1, 4]):  # (a one-token row: its prefill reads only padding)
+        batch = left_padded_batch(96, lengths, seed=6)
+        widths, out = target_widths(target, lambda batch=batch: target.generate(
+            **batch, max_new_tokens=10, do_sample=False, assistant_model=make(), return_dict_in_generate=True))
+        assert widths[0] == max(lengths) - 1  # (then one forward per round, n-grams may draft nothing)
+        assert out.spec_stats.target_forwards == len(widths) == 1 + int(out.spec_stats.rounds.max())
+        assert torch.equal(out.sequences, target.generate(**batch, max_new_tokens=10, do_sample=False))
+
+
+def test_the_prefill_reads_the_whole_prompt_where_it_must(pair):
+    """A one-token prompt, a batch of one whose mask ends in padding, and a drafter that reads the target's prefill
+    states keep the prefill that reads the whole prompt and chooses the first token; all exact."""
+    target, draft = pair
+    guided = GuidedDrafter.from_drafter(perturbed_copy(target, 0.1), target_config=target.config,
+                                        verifier_layers=[1, 2]).eval()
+    one_token = {"input_ids": torch.tensor([[17]])}
+    padded_end = {"input_ids": torch.tensor([[5, 17, 33, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    cases = [(one_token, ModelDrafter(draft)), (padded_end, ModelDrafter(draft)),
+             (left_padded_batch(96, [7, 3, 9], seed=7), guided)]
+    for batch, drafter in cases:
+        widths, out = target_widths(target, lambda batch=batch, drafter=drafter: target.generate(
+            **batch, max_new_tokens=8, do_sample=False, assistant_model=drafter))
+        assert widths[0] == batch["input_ids"].shape[1]
+        assert torch.equal(out, target.generate(**batch, max_new_tokens=8, do_sample=False))
 
 
 # ---------------------------------------------------------------------------------------------- host reads

@@ -40,8 +40,9 @@ def test_stats_add_up(pair):
                           return_dict_in_generate=True, eos_token_id=None, pad_token_id=0, time_phases=True)
     stats = out.spec_stats
     assert isinstance(stats, SpecStats) and drafter.last_stats is stats
-    # every generated token is the prefill token, an accepted draft token or a round's bonus (no EOS here)
-    assert torch.equal(stats.new_tokens, 1 + stats.accepted + stats.rounds)
+    # every generated token is an accepted draft token or a round's bonus (no EOS here): the prompt's last token
+    # is the first round's root, so the prefill chooses none
+    assert torch.equal(stats.new_tokens, stats.accepted + stats.rounds)
     assert bool((stats.accepted <= stats.drafted).all()) and bool((stats.drafted <= 3 * stats.rounds).all())
     assert stats.target_forwards == 1 + int(stats.rounds.max())
     # a chain round refuses at most one token; tokens after a refusal are drafted but never decided
@@ -120,11 +121,11 @@ def test_speculative_streamer_learns_which_tokens_were_drafted(pair):
                           pad_token_id=0, assistant_model=ModelDrafter(draft, num_draft_tokens=4),
                           return_dict_in_generate=True)
     assert [token for chunk in streamer.chunks[1:] for token in chunk] == out.sequences[0, 6:].tolist()
-    # first chunk after the prompt: the prefill's token (the target's own); then one chunk per round whose
-    # leading tokens are the accepted drafts, the bonus token last unless max_new_tokens cut the round short
-    assert len(streamer.from_draft) == 1 + int(out.spec_stats.rounds[0]) == len(streamer.chunks) - 1
-    assert streamer.from_draft[0] == 0 and sum(streamer.from_draft) <= int(out.spec_stats.accepted[0])
-    for chunk, drafted in zip(streamer.chunks[2:-1], streamer.from_draft[1:-1]):
+    # after the prompt, one chunk per round (the prompt's last token is the first round's root) whose leading
+    # tokens are the accepted drafts, the bonus token last unless max_new_tokens cut the round short
+    assert len(streamer.from_draft) == int(out.spec_stats.rounds[0]) == len(streamer.chunks) - 1
+    assert sum(streamer.from_draft) <= int(out.spec_stats.accepted[0])
+    for chunk, drafted in zip(streamer.chunks[1:-1], streamer.from_draft[:-1]):
         assert drafted == len(chunk) - 1
     assert any(streamer.from_draft) and sum(streamer.drafted) == int(out.spec_stats.drafted[0])
 

@@ -65,18 +65,38 @@ def test_forced_last_exit_drafts_like_a_model_drafter(target, sorted_model):
 
 @pytest.mark.parametrize("exit_layer", [2, 4])
 def test_zero_threshold_drafts_like_the_truncated_model(target, sorted_model, exit_layer):
+    """Threshold 0 stops at the first exit: every drafted distribution is the truncated model's on that prefix.
+    (Compared with a fresh forward, not with a ModelDrafter's run under the same seed: where p ≈ q the residual
+    max(0, p - q) a rejection samples from amplifies float rounding, so two exact runs can commit different text.)"""
     batch = left_padded_batch(96, UNEVEN, seed=2)
     exits = [e for e in EXITS if e >= exit_layer]
     adaptive = SortedDrafter(sorted_model, exits=exits, thresholds=[0.0] * (len(exits) - 1), num_draft_tokens=4)
-    plain = ModelDrafter(truncated(sorted_model, exit_layer), num_draft_tokens=4)
-    ours, theirs = recorded_drafts(adaptive), recorded_drafts(plain)
+    drafts = recorded_drafts(adaptive)
     torch.manual_seed(0)
-    run(target, adaptive, batch, do_sample=True)
-    torch.manual_seed(0)
-    run(target, plain, batch, do_sample=True)
-    for (_, _, a, _), (_, _, b, _) in zip(ours, theirs):
-        assert torch.equal(a.tokens, b.tokens)
-        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-5)
+    run(target, adaptive, batch, do_sample=True, top_k=0)
+    assert adaptive.exit_counts[exit_layer] > 0 and sum(adaptive.exit_counts.values()) == adaptive.exit_counts[exit_layer]
+    exit_model = truncated(sorted_model, exit_layer)
+    assert check_drafts_against_fresh_forwards(drafts, batch, lambda round_, row, node: exit_model) > 50
+
+
+def check_drafts_against_fresh_forwards(drafts, batch, model_for) -> int:
+    """Every valid drafted distribution (chains) equals `model_for(round, row, node)`'s softmax on its prefix;
+    returns how many were checked."""
+    checked = 0
+    for round_, (sequences, lengths, draft, row_ids) in enumerate(drafts):
+        for row in range(len(lengths)):
+            pads = int((batch["attention_mask"][row_ids[row]] == 0).sum())
+            committed = sequences[row, pads: lengths[row]]
+            for node in range(draft.num_nodes):
+                model = model_for(round_, row, node) if draft.valid[row, node] else None
+                if model is None:
+                    continue
+                prefix = torch.cat([committed, draft.tokens[row, :node]])[None]
+                with torch.no_grad():
+                    logits = model(prefix).logits[0, -1]
+                torch.testing.assert_close(draft.probs[row, node], logits.softmax(-1), atol=2e-5, rtol=1e-4)
+                checked += 1
+    return checked
 
 
 @pytest.mark.parametrize("deep_rows", ["needing", "all"])
@@ -98,23 +118,11 @@ def test_deferred_kv_every_drafted_distribution_matches_a_fresh_truncated_forwar
     out = run(target, drafter, batch, do_sample=True, top_k=0)  # no top-k: q is the exit's plain softmax
     assert all(drafter.exit_counts[e] > 0 for e in EXITS), drafter.exit_counts  # exits really mixed
     models = {e: truncated(sorted_model, e) for e in EXITS}
-    checked = 0
-    for (sequences, lengths, draft, row_ids), level_exits in zip(drafts, levels):
-        if level_exits is None:
-            continue
-        for row in range(len(lengths)):
-            pads = int((batch["attention_mask"][row_ids[row]] == 0).sum())
-            committed = sequences[row, pads: lengths[row]]
-            for node in range(draft.num_nodes):
-                if not draft.valid[row, node]:
-                    continue
-                exit_layer = EXITS[int(level_exits[row, node])]
-                prefix = torch.cat([committed, draft.tokens[row, :node]])[None]
-                with torch.no_grad():
-                    logits = models[exit_layer](prefix).logits[0, -1]
-                torch.testing.assert_close(draft.probs[row, node], logits.softmax(-1), atol=2e-5, rtol=1e-4)
-                checked += 1
-    assert checked > 50
+
+    def model_for(round_, row, node):  # (rounds without a draft budget recorded no exits)
+        return None if levels[round_] is None else models[EXITS[int(levels[round_][row, node])]]
+
+    assert check_drafts_against_fresh_forwards(drafts, batch, model_for) > 50
     assert out.spec_stats.exit_counts == drafter.exit_counts
 
 

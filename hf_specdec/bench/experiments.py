@@ -2,13 +2,17 @@
 
     plain        target.generate, the baseline of every speed-up (one row per decoding and batch size used)
     plain-compiled  target.generate with transformers' static cache and torch.compile (compile_config)
-    assisted     transformers' own assisted generation with the first plain-model drafter (batch 1)
+    assisted     transformers' own assisted generation with the first plain-model drafter (batch 1), drafting
+                 the same constant γ as our chains (no confidence stop)
+    assisted-default  the same at transformers' own defaults: up to 20 draft tokens per round, stopped early where
+                 the draft's confidence falls under a threshold transformers tunes as it goes (from 0.4)
     chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1; sampled trees draw their
                  children from the drafter and verify them by recursive rejection)
     tree-top-k   sampling only: every drafter's trees with deterministic top-k children (TreeConfig(sampling=
                  "top_k"), the sampled trees before 0.3), for comparison with `tree`
     compiled     the first drafter's chains with captured forwards (compile_config; batch 1)
-    auto         the first drafter with schedule="auto" (draft length from measured costs; batch 1)
+    auto         the first drafter with schedule="auto" (draft length from measured costs, up to
+                 `auto_max_draft_tokens`; batch 1)
     ngram        prompt-lookup drafting (batch 1)
     gamma-sweep  the first drafter's chains at each of `draft_lengths` (batch 1, τ vs γ)
     batch-sweep  plain and the first drafter's chains at each of `batch_sizes` (greedy; throughput vs batch)
@@ -35,7 +39,7 @@ from ..drafters.routed import ngram_arm, read_routing
 from ..routing.policy import OnlinePolicy
 from .pairs import Pair
 
-EXPERIMENTS = ("plain", "plain-compiled", "assisted", "chain", "compiled", "auto", "tree", "tree-top-k", "ngram",
+EXPERIMENTS = ("plain", "plain-compiled", "assisted", "assisted-default", "chain", "compiled", "auto", "tree", "tree-top-k", "ngram",
                "gamma-sweep", "batch-sweep", "sorted", "specialized_drafts", "adaptive_routing")
 # `hf-specdec bench` without flags: the headline rows, about 5 minutes on a 2-core CPU
 HEADLINE_EXPERIMENTS = ("plain", "assisted", "chain", "auto")
@@ -130,6 +134,22 @@ def build_methods(config, pair: Pair) -> list[Method]:
 
         return run
 
+    def assisted_default(draft_model, decoding):
+        # transformers keeps the tuned threshold on the assistant's generation_config across calls (the `assisted`
+        # row overwrites it): this row keeps its own, as one assistant model used call after call would
+        tuned = {"threshold": 0.4}
+
+        def run(batch, max_new_tokens):
+            settings = draft_model.generation_config
+            settings.num_assistant_tokens, settings.num_assistant_tokens_schedule = 20, "constant"
+            settings.assistant_confidence_threshold = tuned["threshold"]
+            sequences = target.generate(**batch, assistant_model=draft_model, max_new_tokens=max_new_tokens,
+                                        **sampling_kwargs(decoding))
+            tuned["threshold"] = settings.assistant_confidence_threshold
+            return sequences, None
+
+        return run
+
     def drafter_method(experiment, spec, decoding, num_draft_tokens=gamma, tree_config=None, batch_size=1):
         separate = spec.kind != "sorted"  # a sorted drafter's cost depends on the exits it takes
         return Method(experiment, decoding, speculative(lambda: spec.make(num_draft_tokens, tree_config), decoding),
@@ -148,6 +168,10 @@ def build_methods(config, pair: Pair) -> list[Method]:
             methods.append(Method("assisted", decoding, assisted(plain_models[0].model, decoding),
                                   drafter=plain_models[0].name, num_draft_tokens=gamma,
                                   draft_model=plain_models[0].model, meter_draft=True))
+        if "assisted-default" in wanted and plain_models:
+            methods.append(Method("assisted-default", decoding, assisted_default(plain_models[0].model, decoding),
+                                  drafter=plain_models[0].name, draft_model=plain_models[0].model,
+                                  meter_draft=True))
         for spec in pair.drafters:
             if "chain" in wanted:
                 methods.append(drafter_method("chain", spec, decoding))
@@ -157,9 +181,11 @@ def build_methods(config, pair: Pair) -> list[Method]:
                 method.warmup_every_batch = True
                 methods.append(method)
             if "auto" in wanted and spec is primary:
-                auto = spec.make(gamma, None, schedule="auto")  # one drafter: its cost model outlives a call
+                # one drafter: its cost model outlives a call; num_draft_tokens is the longest draft it may choose
+                auto = spec.make(config.auto_max_draft_tokens, None, schedule="auto")
                 methods.append(Method("auto", decoding, speculative(lambda: auto, decoding), drafter=spec.name,
-                                      num_draft_tokens=gamma, warmup_runs=3, warmup_every_batch=True))
+                                      num_draft_tokens=config.auto_max_draft_tokens, warmup_runs=3,
+                                      warmup_every_batch=True))
             if "tree" in wanted:
                 methods.append(drafter_method("tree", spec, decoding, tree_config=tree))
             if "tree-top-k" in wanted and decoding == "sample":

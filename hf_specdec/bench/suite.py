@@ -59,6 +59,7 @@ class SuiteConfig:
     dtype: str = "float32"
     device: str = "cpu"
     num_draft_tokens: int = 6
+    auto_max_draft_tokens: int = 16  # the auto row's num_draft_tokens: the longest draft schedule="auto" may pick
     draft_lengths: tuple[int, ...] = (1, 2, 4, 8)  # gamma-sweep
     batch_sizes: tuple[int, ...] = (1, 4, 8)  # batch-sweep
     tree: tuple[int, int, int] = (5, 4, 24)  # depth, top_k, max_nodes
@@ -81,7 +82,8 @@ class SuiteConfig:
     @classmethod
     def quick(cls, **overrides) -> SuiteConfig:
         tiny = dict(prompts_per_category=1, max_prompt_tokens=48, max_new_tokens=12, num_draft_tokens=3,
-                    draft_lengths=(1, 4), batch_sizes=(1, 4), tree=(3, 2, 6), repeats=1, pair_shape=dict(QUICK_PAIR))
+                    draft_lengths=(1, 4), batch_sizes=(1, 4), tree=(3, 2, 6), repeats=1, pair_shape=dict(QUICK_PAIR),
+                    auto_max_draft_tokens=4)
         return cls(**{**tiny, **overrides})
 
     def __post_init__(self):
@@ -111,8 +113,8 @@ class SuiteConfig:
             raise ValueError("temperature must be > 0 (greedy decoding is the 'greedy' decoding).")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if min(self.batch_sizes) < 1 or min(self.draft_lengths) < 1:
-            raise ValueError("batch sizes and draft lengths must be >= 1.")
+        if min(self.batch_sizes) < 1 or min(self.draft_lengths) < 1 or self.auto_max_draft_tokens < 1:
+            raise ValueError("batch sizes, draft lengths and auto_max_draft_tokens must be >= 1.")
         TreeConfig(*self.tree)  # fail on bad tree sizes before any model is built
 
     @property
