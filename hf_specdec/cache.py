@@ -161,11 +161,16 @@ class SlotCache:
 
     # ------------------------------------------------------------------ forwards
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int | None = None, on_chunk=None,
-                **model_kwargs):
+                chain_nodes: int = 0, **model_kwargs):
         """The prompt (left-padded, `valid` marks real tokens), in chunks of `chunk_size` if given. A whole model
         runs its own causal path, as plain generate() does; a segment of layers (a custom `run`) takes the
-        committed path. `on_chunk(outputs, valid)` sees every chunk's outputs (the last one is returned)."""
+        committed path. `on_chunk(outputs, valid)` sees every chunk's outputs (the last one is returned).
+
+        `chain_nodes` > 0: the last columns are a round's chain (root first, `valid` False for holes), fed with the
+        prompt in the same causal forward and left as `forward_chain` leaves its nodes, for `keep()` to resolve."""
         if self.run != self._run_model:
+            if chain_nodes:
+                raise ValueError("A prefill with a round's chain needs the whole model (no custom `run`).")
             return self.forward_committed(input_ids, valid, **model_kwargs)
         input_ids, valid = input_ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -189,8 +194,10 @@ class SlotCache:
             slots.values[:, :, :width] = layer.values
         self.committed_bias[:, :width] = torch.where(valid, 0.0, self.masked).to(self.dtype)
         self.slot_positions[:, :width] = positions
-        self.kv_length = torch.full_like(self.kv_length, width)
-        self.next_position = valid.long().sum(-1)
+        committed = width - chain_nodes  # the chain's node n sits at slot kv_length + n, as forward_chain puts it
+        self.kv_length = torch.full_like(self.kv_length, committed)
+        self.next_position = valid[:, :committed].long().sum(-1)
+        self.live_steps = chain_nodes
         self.host_length = width
         return outputs
 

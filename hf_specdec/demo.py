@@ -1,7 +1,7 @@
 """`hf-specdec demo`: a Gradio page that streams plain and speculative generation side by side.
 
-The speculative pane colours the tokens that were accepted drafts (the rest came from the target: the prefill
-token, corrections and bonus tokens) and shows live tokens/s, α (accepted / drafted) and τ (tokens per
+The speculative pane colours the tokens that were accepted drafts (the rest came from the target: corrections
+and bonus tokens) and shows live tokens/s, α (accepted / drafted) and τ (tokens per
 verification round); the plain pane shows tokens/s, and the summary the speed-up and, under greedy decoding,
 whether both outputs are identical (they must be: decoding is lossless).
 
@@ -66,7 +66,7 @@ class Transcript:
     accepted draft tokens, and the counters behind live tokens/s, α and τ.
 
     Both generate() paths put the prompt first; plain generate then puts one target token per step, the
-    speculative engine calls `put_speculative` once for the prefill token and once per verification round.
+    speculative engine calls `put_speculative` once per verification round (and `put` for a prefill's token).
     generate() runs in a worker thread while the page reads snapshots, hence the lock.
     """
 
@@ -87,8 +87,7 @@ class Transcript:
         self._append(value.reshape(-1).tolist())
 
     def put_speculative(self, tokens: torch.Tensor, num_from_draft: int, num_drafted: int) -> None:
-        # the first call carries the prefill's token; every later call is one verification round
-        self._append(tokens.tolist(), num_from_draft, num_drafted, is_round=bool(self.tokens))
+        self._append(tokens.tolist(), num_from_draft, num_drafted, is_round=True)  # one verification round
 
     def end(self) -> None:
         """Nothing to do: the worker thread signals the end, errors included (see `stream_generate`)."""

@@ -115,7 +115,8 @@ class _Run:
         self.stats = SpecStats.empty(batch_size, self.device)
         self.seen_accepted = (0, 0)  # (accepted, decided) draft tokens at the last acceptance read (auto)
         self.host_text_length = self.prompt_length + 1  # the longest row's length as last read from the device
-        self.prefilled = self.prompt_length  # prompt columns the target's prefill feeds (see _prefill)
+        self.prefilled = self.prompt_length  # prompt columns the drafter starts from (see _prefill)
+        self.prompt_in_next_round = False  # the target has not read the prompt yet: the first round does
         self.target_forwards = 0
         max_new = self.width - self.prompt_length
         self.score_stores = {name: torch.zeros(batch_size, max_new + 1, self.vocab_size, device=self.device)
@@ -166,16 +167,12 @@ class _Run:
         return self._output()
 
     def _prefill(self):
-        """The target reads the prompt. Where nothing needs the prefill's own outputs, it reads all of the prompt
-        but its last token, which becomes the first round's root: the first verify forward then gives the first
-        token together with the first draft's verdict, as transformers' assisted generation does (one target
-        forward fewer per call). Otherwise the prefill reads the whole prompt and chooses the first token."""
-        if self._first_round_reads_the_prompt_end():
+        """The target reads the prompt and chooses the first token. Where nothing needs the prefill's own outputs,
+        the prompt is left for the first round instead (see `_verify_with_the_prompt`): its last token is that
+        round's root, and drafters start from the rest."""
+        if self._prompt_joins_the_first_round():
             self.prefilled, self.host_text_length = self.prompt_length - 1, self.prompt_length
-            with self.clock("prefill"):
-                self.target.prefill(self.sequences[:, : self.prefilled], self.token_mask[:, : self.prefilled],
-                                    logits_to_keep=1, chunk_size=self.config.prefill_chunk_size)
-            self.target_forwards += 1
+            self.prompt_in_next_round = True
             return
         rows = self.active
         pooled = None if self.feature_layer is None else PooledPrompt(self.feature_layer)
@@ -223,7 +220,10 @@ class _Run:
                 draft = draft.padded(self.round_nodes)
         with self.clock("verify_forward"):
             chunk = _VerifyChunk(state, draft)
-            outputs = chunk.forward(self.target, **self._hidden_request())
+            if self.prompt_in_next_round:
+                outputs = self._verify_with_the_prompt(chunk)
+            else:
+                outputs = chunk.forward(self.target, **self._hidden_request())
             logits = outputs.logits.float().to(self.device)
         with self.clock("processors"):
             prefixes = chunk.prefixes() if state.reads_text else None
@@ -255,8 +255,9 @@ class _Run:
         if length == 0 and self._can_hand_off():
             return self._hand_off_to_plain_decoding()
         self.drafter.set_draft_length(length)
-        # rounds are timed for the cost model only at the batch size it is kept for (not after a compaction)
-        if not self.auto.calibrating or len(self.active) != len(self.sequences):
+        # rounds are timed for the cost model only at the batch size it is kept for (not after a compaction), and
+        # not when the round also reads the prompt
+        if not self.auto.calibrating or len(self.active) != len(self.sequences) or self.prompt_in_next_round:
             self._round()
         else:
             self.clock.synchronize()
@@ -335,12 +336,30 @@ class _Run:
             self.drafter.select_rows(keep)
         return remaining > 0
 
-    def _first_round_reads_the_prompt_end(self) -> bool:
-        """Whether the prompt's last token can be the first round's root: no drafter reads the prefill's hidden
-        states or pooled prompt features, the prompt has a token before it, and it is a real token in every row
-        (a batch of one may come with a mask that ends in padding)."""
+    def _verify_with_the_prompt(self, chunk: _VerifyChunk):
+        """The first round's target forward, which also reads the prompt: one causal forward over the prompt's
+        columns but the last, the root and a chain's draft — as transformers' assisted generation does, one
+        target forward per call fewer than a prefill followed by a verify. (A tree's mask is not causal: then the
+        prompt is prefilled on its own first.)"""
+        self.prompt_in_next_round = False
+        prompt = slice(0, self.prefilled)
+        if not chunk.draft.is_chain:
+            self.target.prefill(self.sequences[:, prompt], self.token_mask[:, prompt], logits_to_keep=1)
+            self.target_forwards += 1
+            return chunk.forward(self.target, **self._hidden_request())
+        tokens = torch.cat([self.sequences[:, prompt], chunk.tokens], dim=1)
+        valid = torch.cat([self.token_mask[:, prompt], chunk.has_node], dim=1)
+        return self.target.prefill(tokens, valid, chain_nodes=chunk.tokens.shape[1],
+                                   logits_to_keep=chunk.tokens.shape[1])
+
+    def _prompt_joins_the_first_round(self) -> bool:
+        """Whether the target can read the prompt in the first round's forward: no drafter reads the prefill's
+        hidden states or pooled prompt features, the prompt is not prefilled in chunks, has a token before its
+        last, and that last token is real in every row (a batch of one may come with a mask ending in padding)."""
         if self.hidden_layers or self.feature_layer is not None or self.prompt_length < 2:
             return False
+        if self.config.prefill_chunk_size or not self.drafter.drafts_chains_only:
+            return False  # (a tree's first round would pay a prefill of its own)
         return bool(self.token_mask[:, self.prompt_length - 1].all())
 
     # ------------------------------------------------------------------ target hidden states for guided drafters
@@ -438,14 +457,15 @@ class _Run:
         else:
             self.finished[rows] |= done
         if self.streamer is not None and sources is not None:  # (plain decoding streamed its own tokens)
-            accepted, proposed = (0, 0) if drafted is None else (int(drafted[0][0]), int(drafted[1][0]))
-            self._stream(tokens[0, : int(counts[0])].cpu(), accepted, proposed)
+            self._stream(tokens[0, : int(counts[0])].cpu(), drafted)
 
-    def _stream(self, tokens: torch.Tensor, accepted: int, proposed: int) -> None:
-        """Streamers with `put_speculative(tokens, num_from_draft, num_drafted)` also learn which tokens were
-        accepted drafts (the leading `num_from_draft`; the rest came from the target) and how many tokens the
-        drafter proposed that round; others get transformers' `put`."""
-        if hasattr(self.streamer, "put_speculative"):
+    def _stream(self, tokens: torch.Tensor, drafted) -> None:
+        """Streamers with `put_speculative(tokens, num_from_draft, num_drafted)` learn, once per verification
+        round, which tokens were accepted drafts (the leading `num_from_draft`; the rest came from the target) and
+        how many tokens the drafter proposed; the prefill's token (drafted None) and every token of a streamer
+        without it go to transformers' `put`."""
+        if drafted is not None and hasattr(self.streamer, "put_speculative"):
+            accepted, proposed = int(drafted[0][0]), int(drafted[1][0])
             self.streamer.put_speculative(tokens, min(accepted, len(tokens)), proposed)
         else:
             self.streamer.put(tokens)

@@ -516,7 +516,8 @@ def format_stats(result: GenerateResult) -> list[str]:
     """The statistics line, plus one line per drafter when a routed drafter reports them."""
     stats = result.stats
     rounds = int(stats.rounds.sum())
-    # no verification round: schedule="auto" kept to plain decoding, or one token (the prefill's) was asked for
+    # no verification round: schedule="auto" kept to plain decoding (or one token was asked of a drafter that reads
+    # the target's prefill states: the prefill chose it)
     acceptance = (f"α {stats.acceptance_rate:.2f} · τ {stats.mean_accepted_length:.2f} · {rounds} "
                   f"round{'s' * (rounds > 1)}" if rounds else "α – · τ – · 0 rounds (plain decoding)")
     line = (f"[hf-specdec] {len(result.new_ids)} new tokens · {result.seconds:.2f} s · "

@@ -39,7 +39,7 @@ def quick_catalog():
 def test_transcript_records_draft_and_target_runs():
     transcript = demo.Transcript()
     transcript.put(torch.tensor([[5, 6, 7]]))  # the prompt: not generated text
-    transcript.put_speculative(torch.tensor([10]), 0, 0)  # prefill token
+    transcript.put(torch.tensor([10]))  # a prefill's token (drafters that read the prefill's states)
     transcript.put_speculative(torch.tensor([11, 12, 13, 14]), 3, 4)  # 3 accepted drafts + correction
     transcript.put_speculative(torch.tensor([15]), 0, 4)  # first draft token refused
     transcript.put_speculative(torch.tensor([16, 17, 18]), 2, 2)  # whole draft accepted + bonus
@@ -49,6 +49,25 @@ def test_transcript_records_draft_and_target_runs():
     assert transcript.acceptance_rate == pytest.approx(0.5)
     assert transcript.mean_accepted_length == pytest.approx((5 + 3) / 3)  # tokens per verification round
     assert transcript.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["first-round-reads-the-prompt", "prefill-token"])
+def test_transcript_counts_the_engines_rounds(guided):
+    """Streamed from the engine, the transcript counts every verification round once, whether the first round
+    read the prompt or a prefill (drafters that read its states) chose the first token."""
+    from conftest import perturbed_copy, tiny_model
+
+    from hf_specdec import GuidedDrafter, ModelDrafter
+
+    target = tiny_model("llama", num_layers=2, seed=3)
+    draft = perturbed_copy(target, noise=0.1)
+    drafter = (GuidedDrafter.from_drafter(draft, target_config=target.config, verifier_layers=[1, 2]).eval()
+               if guided else ModelDrafter(draft, num_draft_tokens=3))
+    transcript = demo.Transcript()
+    out = target.generate(torch.tensor([[5, 17, 33, 41]]), max_new_tokens=12, do_sample=False, streamer=transcript,
+                          assistant_model=drafter, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    assert transcript.rounds == int(out.spec_stats.rounds.sum()) > 0
+    assert transcript.tokens == out.sequences[0, 4:].tolist()
 
 
 def test_transcript_as_plain_streamer():
@@ -131,7 +150,7 @@ def test_render_pane_and_summary_numbers():
     speculative, plain = demo.Transcript(), demo.Transcript()
     for transcript in (speculative, plain):
         transcript.put(torch.tensor([[3]]))
-    speculative.put_speculative(torch.tensor([70]), 0, 0)
+    speculative.put(torch.tensor([70]))  # a prefill's token
     speculative.put_speculative(torch.tensor([71, 72]), 1, 3)
     plain.put(torch.tensor([70]))
     pane = demo.render_pane("Speculative", speculative, SyntheticTokenizer(512).decode, speculative=True)

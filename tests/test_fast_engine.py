@@ -162,37 +162,45 @@ def target_widths(target, run):
         handle.remove()
 
 
-@pytest.mark.parametrize("drafter", ["chain", "tree", "ngram"])
-def test_the_prompts_last_token_is_the_first_rounds_root(pair, drafter):
-    """The prefill reads all of the prompt but its last token, which the first verify forward reads with the first
-    draft: one target forward fewer per call (transformers' assisted generation does the same); exact."""
+@pytest.mark.parametrize("drafter", ["chain", "ngram", "compiled"])
+def test_the_first_round_reads_the_prompt(pair, drafter):
+    """No prefill of its own: the first verify forward reads the prompt, its last token as the round's root, and
+    the first draft in one causal forward (one target forward per call fewer, as in transformers' assisted
+    generation); exact, for batches with a one-token row too (its prompt columns before the root are padding)."""
     target, draft = pair
     make = {"chain": lambda: ModelDrafter(draft, num_draft_tokens=4),
-            "tree": lambda: ModelDrafter(draft, tree=TreeConfig(3, 2, 5)),
-            "ngram": lambda: NGramDrafter(num_draft_tokens=4)}[drafter]
-    for lengths in ([7, 3, 9], [6], [5, 1, 4]):  # (a one-token row: its prefill reads only padding)
+            "ngram": lambda: NGramDrafter(num_draft_tokens=4),
+            "compiled": lambda: ModelDrafter(draft, num_draft_tokens=4)}[drafter]
+    options = {"compile_config": CompileConfig(fullgraph=False)} if drafter == "compiled" else {}
+    for lengths in ([7, 3, 9], [6], [5, 1, 4]):
         batch = left_padded_batch(96, lengths, seed=6)
         widths, out = target_widths(target, lambda batch=batch: target.generate(
-            **batch, max_new_tokens=10, do_sample=False, assistant_model=make(), return_dict_in_generate=True))
-        assert widths[0] == max(lengths) - 1  # (then one forward per round, n-grams may draft nothing)
-        assert out.spec_stats.target_forwards == len(widths) == 1 + int(out.spec_stats.rounds.max())
+            **batch, max_new_tokens=10, do_sample=False, assistant_model=make(), return_dict_in_generate=True,
+            **options))
+        drafted_first = widths[0] - max(lengths)  # the prompt, then the first round's draft
+        assert drafted_first == (4 if drafter != "ngram" else drafted_first) and drafted_first >= 0
+        assert out.spec_stats.target_forwards == len(widths) == int(out.spec_stats.rounds.max())
         assert torch.equal(out.sequences, target.generate(**batch, max_new_tokens=10, do_sample=False))
 
 
 def test_the_prefill_reads_the_whole_prompt_where_it_must(pair):
-    """A one-token prompt, a batch of one whose mask ends in padding, and a drafter that reads the target's prefill
-    states keep the prefill that reads the whole prompt and chooses the first token; all exact."""
+    """A one-token prompt, a batch of one whose mask ends in padding, trees (their mask is not causal), a chunked
+    prefill and a drafter that reads the target's prefill states keep the prefill that reads the whole prompt and
+    chooses the first token; all exact."""
     target, draft = pair
     guided = GuidedDrafter.from_drafter(perturbed_copy(target, 0.1), target_config=target.config,
                                         verifier_layers=[1, 2]).eval()
     one_token = {"input_ids": torch.tensor([[17]])}
     padded_end = {"input_ids": torch.tensor([[5, 17, 33, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
-    cases = [(one_token, ModelDrafter(draft)), (padded_end, ModelDrafter(draft)),
-             (left_padded_batch(96, [7, 3, 9], seed=7), guided)]
-    for batch, drafter in cases:
-        widths, out = target_widths(target, lambda batch=batch, drafter=drafter: target.generate(
-            **batch, max_new_tokens=8, do_sample=False, assistant_model=drafter))
-        assert widths[0] == batch["input_ids"].shape[1]
+    uneven = left_padded_batch(96, [7, 3, 9], seed=7)
+    cases = [(one_token, ModelDrafter(draft), {}), (padded_end, ModelDrafter(draft), {}), (uneven, guided, {}),
+             (uneven, ModelDrafter(draft, tree=TreeConfig(3, 2, 5)), {}),
+             (uneven, ModelDrafter(draft), {"prefill_chunk_size": 4})]
+    for batch, drafter, options in cases:
+        widths, out = target_widths(target, lambda batch=batch, drafter=drafter, options=options: target.generate(
+            **batch, max_new_tokens=8, do_sample=False, assistant_model=drafter, **options))
+        width = batch["input_ids"].shape[1]  # the prefill's first (or only) chunk of the whole prompt
+        assert widths[0] == min(width, options.get("prefill_chunk_size", width))
         assert torch.equal(out, target.generate(**batch, max_new_tokens=8, do_sample=False))
 
 

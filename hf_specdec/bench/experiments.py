@@ -5,7 +5,8 @@
     assisted     transformers' own assisted generation with the first plain-model drafter (batch 1), drafting
                  the same constant γ as our chains (no confidence stop)
     assisted-default  the same at transformers' own defaults: up to 20 draft tokens per round, stopped early where
-                 the draft's confidence falls under a threshold transformers tunes as it goes (from 0.4)
+                 the draft's confidence falls under 0.4 (a threshold transformers tunes within each call from the
+                 drafts' outcomes where scikit-learn is installed)
     chain, tree  every drafter of the pair, chains of γ tokens / dynamic trees (batch 1; sampled trees draw their
                  children from the drafter and verify them by recursive rejection)
     tree-top-k   sampling only: every drafter's trees with deterministic top-k children (TreeConfig(sampling=
@@ -135,17 +136,13 @@ def build_methods(config, pair: Pair) -> list[Method]:
         return run
 
     def assisted_default(draft_model, decoding):
-        # transformers keeps the tuned threshold on the assistant's generation_config across calls (the `assisted`
-        # row overwrites it): this row keeps its own, as one assistant model used call after call would
-        tuned = {"threshold": 0.4}
-
         def run(batch, max_new_tokens):
+            # transformers' defaults; it tunes the confidence threshold within a call where scikit-learn is installed
             settings = draft_model.generation_config
             settings.num_assistant_tokens, settings.num_assistant_tokens_schedule = 20, "constant"
-            settings.assistant_confidence_threshold = tuned["threshold"]
+            settings.assistant_confidence_threshold = 0.4
             sequences = target.generate(**batch, assistant_model=draft_model, max_new_tokens=max_new_tokens,
                                         **sampling_kwargs(decoding))
-            tuned["threshold"] = settings.assistant_confidence_threshold
             return sequences, None
 
         return run

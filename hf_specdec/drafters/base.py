@@ -169,6 +169,12 @@ class Drafter(ABC):
         self.round_length = self.draft_length  # this round's length for every row (constant and auto schedules)
         self._row_draft_tokens = torch.full((state.sequences.shape[0],), self.draft_length, dtype=torch.long)
 
+    @property
+    def drafts_chains_only(self) -> bool:
+        """Every draft is a chain (then the target can read the prompt in the first round's causal forward); a
+        drafter that says so wrongly only costs that round a separate prefill."""
+        return getattr(self, "tree", None) is None
+
     def max_round_nodes(self, num_draft_tokens: int | None = None) -> int:
         """The most draft nodes one round can propose (sizes caches and the fixed shape of captured forwards)."""
         if self.tree is not None:

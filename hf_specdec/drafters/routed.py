@@ -117,6 +117,10 @@ class RoutedDrafter(Drafter):
         for index, drafter in enumerate(self.drafters):
             drafter.start(target, self._arm_state(state, index), num_draft_tokens)
 
+    @property
+    def drafts_chains_only(self) -> bool:
+        return all(drafter.drafts_chains_only for drafter in self.drafters)
+
     def max_round_nodes(self, num_draft_tokens: int | None = None) -> int:
         return max(drafter.max_round_nodes(num_draft_tokens) for drafter in self.drafters)
 
