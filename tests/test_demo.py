@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import perturbed_copy, tiny_model
 
-from hf_specdec import demo
+from hf_specdec import GuidedDrafter, ModelDrafter, demo
 from hf_specdec.testing import SyntheticTokenizer, tiny_causal_lm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,10 +56,6 @@ def test_transcript_records_draft_and_target_runs():
 def test_transcript_counts_the_engines_rounds(guided):
     """Streamed from the engine, the transcript counts every verification round once, whether the first round
     read the prompt or a prefill (drafters that read its states) chose the first token."""
-    from conftest import perturbed_copy, tiny_model
-
-    from hf_specdec import GuidedDrafter, ModelDrafter
-
     target = tiny_model("llama", num_layers=2, seed=3)
     draft = perturbed_copy(target, noise=0.1)
     drafter = (GuidedDrafter.from_drafter(draft, target_config=target.config, verifier_layers=[1, 2]).eval()
