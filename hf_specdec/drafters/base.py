@@ -91,8 +91,8 @@ class DecodingState:
     # (c0 = 0), after a round the root and the accepted path (c0 = the root's column; entries past the path are
     # filler). See `Drafter.target_hidden_scope`.
     target_hidden: torch.Tensor | None = None
-    # prompt columns the target's prefill read: the whole left-padded prompt, or all of it but the last column, which
-    # is then the first round's root (fed with its draft)
+    # prompt columns the drafter starts from: the whole left-padded prompt, or (where the target reads the prompt in
+    # the first round's forward) all of it but the last column, which is then that round's root
     prompt_length: int = 0
     host_text_length: int = 0  # an upper bound of lengths.max(), known on the host
     clock: PhaseClock | None = None  # time a drafter's model forwards with `with state.clock("draft_forward")`

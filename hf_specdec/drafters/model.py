@@ -67,8 +67,8 @@ class ModelDrafter(Drafter):
         capacity = slot_capacity(state.sequences.shape[1] + PENDING_WIDTH + self.round_capacity + 2,
                                  compiled is not None)
         self.cache = self._new_cache(batch_size, capacity, compiled)
-        # The drafter reads what the target's prefill read; the rest of the text (the root, then what the rounds
-        # commit) comes in front of each round's draft.
+        # The drafter reads the prompt columns `state.prompt_length`; the rest of the text (the root, then what the
+        # rounds commit) comes in front of each round's draft.
         prompt = state.prompt_length
         self._prefill(state.sequences[:, :prompt], state.token_mask[:, :prompt])
         self.fed = torch.full((batch_size,), prompt, dtype=torch.long, device=state.lengths.device)
